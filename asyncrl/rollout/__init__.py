@@ -1,0 +1,1 @@
+"""Rollout: engines that generate, the worker actor body around one, and the manager."""

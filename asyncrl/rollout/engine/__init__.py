@@ -1,0 +1,45 @@
+"""The `RolloutEngine` protocol and the registry of engine backends.
+
+An engine continues samples: each request is a `Sample` whose `prompt_ids + response_ids` is the
+context so far (empty response for a fresh request, partial tokens for a resumed one). It
+generates until EOS, the sample's `max_new_tokens` budget, or an abort, and records for every
+new token its logprob and the policy version of the weights that produced it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from asyncrl.types import Sample, SamplingParams
+
+
+@runtime_checkable
+class RolloutEngine(Protocol):
+    @property
+    def policy_version(self) -> int:
+        """The version of the weights the engine holds now."""
+        ...
+
+    async def generate(self, samples: list[Sample], params: SamplingParams) -> list[Sample]:
+        """Continue `samples` and return them when each is finished or aborted.
+
+        Concurrent calls are batched together by the engine. A returned sample has
+        `finish_reason` STOP, LENGTH or ABORT; an aborted one keeps every token generated so far.
+        """
+        ...
+
+    async def abort(self, sample_ids: Iterable[str] | None = None) -> None:
+        """Interrupt these in-flight samples (all when None); their `generate` calls return them
+        with finish_reason ABORT. Unknown or already finished ids are ignored."""
+        ...
+
+    async def update_weights(
+        self, named_tensors: Iterable[tuple[str, torch.Tensor]], policy_version: int
+    ) -> None:
+        """Load new weights (HF names) between decoding steps; later tokens carry the new version."""
+        ...
+
+    async def close(self) -> None: ...

@@ -1,0 +1,191 @@
+"""The data that moves between components: prompts, samples, groups, train batches.
+
+Plain dataclasses (no Ray, no engine imports). Every generated token carries the policy version
+that produced it (`token_versions`), so a sample continued after a weight update stays honest.
+
+Token alignment in `TrainBatch` (all tensors `[B, T]`): row b holds prompt + response tokens,
+right-padded. Position t of a per-token tensor (logprobs, loss_mask, ...) describes token t as
+predicted from tokens `< t`; position 0 is never a response token, so it is always masked.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+import torch
+
+
+class FinishReason(str, Enum):
+    STOP = "stop"  # the engine produced EOS (or a stop token)
+    LENGTH = "length"  # max_new_tokens reached
+    ABORT = "abort"  # interrupted; a partial that may be resumed
+
+
+class RewardStatus(str, Enum):
+    OK = "ok"
+    FAILED = "failed"
+    TIMEOUT = "timeout"
+
+
+@dataclass(slots=True, frozen=True)
+class Reward:
+    """A reward result. A failure is a status with a reason, never a silent 0."""
+
+    value: float
+    status: RewardStatus = RewardStatus.OK
+    error: str | None = None
+    correct: bool | None = None  # task accuracy where the reward knows it (None: does not apply)
+
+    @classmethod
+    def failed(cls, error: str, status: RewardStatus = RewardStatus.FAILED) -> Reward:
+        return cls(value=math.nan, status=status, error=error)
+
+    @property
+    def ok(self) -> bool:
+        return self.status is RewardStatus.OK
+
+
+@dataclass(slots=True, frozen=True)
+class SamplingParams:
+    """How an engine samples. Logprobs are always of softmax(logits / temperature), unfiltered."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: disabled
+
+
+@dataclass(slots=True)
+class Prompt:
+    """One task instance. `answer` and `metadata` go to the reward function untouched."""
+
+    prompt_id: str
+    text: str
+    input_ids: list[int]
+    answer: str | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class Sample:
+    """One answer to one prompt; may be partial (finish_reason ABORT) and resumed later.
+
+    `rollout_logprobs[i]` and `token_versions[i]` describe `response_ids[i]`: the behaviour
+    policy's log-probability of that token and the policy version that sampled it.
+    """
+
+    sample_id: str
+    prompt_id: str
+    prompt_ids: list[int]
+    max_new_tokens: int
+    response_ids: list[int] = field(default_factory=list)
+    rollout_logprobs: list[float] = field(default_factory=list)
+    token_versions: list[int] = field(default_factory=list)
+    finish_reason: FinishReason | None = None
+    reward: Reward | None = None
+    response_text: str = ""
+
+    @property
+    def is_finished(self) -> bool:
+        return self.finish_reason in (FinishReason.STOP, FinishReason.LENGTH)
+
+    @property
+    def remaining_tokens(self) -> int:
+        return self.max_new_tokens - len(self.response_ids)
+
+    @property
+    def oldest_version(self) -> int | None:
+        return min(self.token_versions) if self.token_versions else None
+
+    def append(self, token_id: int, logprob: float, version: int) -> None:
+        self.response_ids.append(token_id)
+        self.rollout_logprobs.append(logprob)
+        self.token_versions.append(version)
+
+
+@dataclass(slots=True)
+class Group:
+    """The samples of one prompt; GRPO-style advantages need the whole group."""
+
+    prompt: Prompt
+    samples: list[Sample]
+
+    @property
+    def rewards(self) -> list[float]:
+        return [s.reward.value if s.reward is not None else math.nan for s in self.samples]
+
+
+@dataclass(slots=True)
+class TrainBatch:
+    """Padded tensors for one optimizer step; see the module docstring for the alignment.
+
+    Attributes:
+        input_ids: [B, T] int64, prompt + response, right-padded.
+        attention_mask: [B, T] bool, True for real tokens.
+        loss_mask: [B, T] bool, True for response tokens that are trained.
+        rollout_logprobs: [B, T] float32, behaviour-policy logprobs (0 where not a response token).
+        token_versions: [B, T] int64, policy version per token (-1 where not a response token).
+        rewards: [B] float32, one scalar reward per sample.
+        group_ids: [B] int64, samples with the same id belong to the same prompt's group.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    loss_mask: torch.Tensor
+    rollout_logprobs: torch.Tensor
+    token_versions: torch.Tensor
+    rewards: torch.Tensor
+    group_ids: torch.Tensor
+    sample_ids: list[str] = field(default_factory=list)
+
+    @property
+    def size(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @classmethod
+    def from_groups(cls, groups: list[Group], pad_token_id: int) -> TrainBatch:
+        """Pack scored, finished groups into right-padded [B, T] tensors."""
+        samples = [(gi, s) for gi, g in enumerate(groups) for s in g.samples]
+        width = max(len(s.prompt_ids) + len(s.response_ids) for _, s in samples)
+        b = len(samples)
+        input_ids = torch.full((b, width), pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((b, width), dtype=torch.bool)
+        loss_mask = torch.zeros((b, width), dtype=torch.bool)
+        rollout_logprobs = torch.zeros((b, width), dtype=torch.float32)
+        token_versions = torch.full((b, width), -1, dtype=torch.long)
+        rewards = torch.empty(b, dtype=torch.float32)
+        group_ids = torch.empty(b, dtype=torch.long)
+        for row, (gi, s) in enumerate(samples):
+            p, r = len(s.prompt_ids), len(s.response_ids)
+            input_ids[row, : p + r] = torch.tensor(s.prompt_ids + s.response_ids)
+            attention_mask[row, : p + r] = True
+            loss_mask[row, p : p + r] = True
+            rollout_logprobs[row, p : p + r] = torch.tensor(s.rollout_logprobs)
+            token_versions[row, p : p + r] = torch.tensor(s.token_versions)
+            rewards[row] = s.reward.value if s.reward is not None else math.nan
+            group_ids[row] = gi
+        return cls(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            loss_mask=loss_mask,
+            rollout_logprobs=rollout_logprobs,
+            token_versions=token_versions,
+            rewards=rewards,
+            group_ids=group_ids,
+            sample_ids=[s.sample_id for _, s in samples],
+        )
+
+    def select(self, rows: slice) -> TrainBatch:
+        """A micro-batch view of consecutive rows."""
+        return TrainBatch(
+            input_ids=self.input_ids[rows],
+            attention_mask=self.attention_mask[rows],
+            loss_mask=self.loss_mask[rows],
+            rollout_logprobs=self.rollout_logprobs[rows],
+            token_versions=self.token_versions[rows],
+            rewards=self.rewards[rows],
+            group_ids=self.group_ids[rows],
+            sample_ids=self.sample_ids[rows],
+        )
