@@ -177,15 +177,16 @@ class TrainBatch:
             sample_ids=[s.sample_id for _, s in samples],
         )
 
-    def select(self, rows: slice) -> TrainBatch:
-        """A micro-batch view of consecutive rows."""
+    def take(self, rows: torch.Tensor) -> TrainBatch:
+        """The given rows ([R] int64), trimmed to the longest sequence among them."""
+        width = int(self.attention_mask[rows].sum(1).max())
         return TrainBatch(
-            input_ids=self.input_ids[rows],
-            attention_mask=self.attention_mask[rows],
-            loss_mask=self.loss_mask[rows],
-            rollout_logprobs=self.rollout_logprobs[rows],
-            token_versions=self.token_versions[rows],
+            input_ids=self.input_ids[rows, :width],
+            attention_mask=self.attention_mask[rows, :width],
+            loss_mask=self.loss_mask[rows, :width],
+            rollout_logprobs=self.rollout_logprobs[rows, :width],
+            token_versions=self.token_versions[rows, :width],
             rewards=self.rewards[rows],
             group_ids=self.group_ids[rows],
-            sample_ids=self.sample_ids[rows],
+            sample_ids=[self.sample_ids[i] for i in rows.tolist()],
         )

@@ -43,3 +43,15 @@ class RolloutEngine(Protocol):
         ...
 
     async def close(self) -> None: ...
+
+
+ENGINES = ("cpu",)
+
+
+def build_engine(kind: str, model_path: str, *, seed: int) -> RolloutEngine:
+    """Construct the engine named by `rollout.engine` (its heavy stack is imported here only)."""
+    if kind == "cpu":
+        from asyncrl.rollout.engine.cpu import CpuEngine
+
+        return CpuEngine(model_path, seed=seed)
+    raise ValueError(f"rollout.engine: unknown engine {kind!r}; known: {', '.join(ENGINES)}")

@@ -1,0 +1,30 @@
+"""Start an embedded Ray cluster, or connect to an existing one (RAY_ADDRESS or --address)."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import ray
+
+log = logging.getLogger(__name__)
+
+
+def init_ray(*, address: str | None, num_cpus: int | None, namespace: str) -> bool:
+    """Returns True if this call started (and so must later stop) the Ray runtime."""
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, namespace=namespace, log_to_driver=True)
+        log.info("connected to Ray cluster at %s", address)
+    else:
+        ray.init(num_cpus=num_cpus, namespace=namespace, include_dashboard=False,
+                 log_to_driver=True, logging_level=logging.WARNING)
+        log.info("started embedded Ray (%s CPUs)", ray.cluster_resources().get("CPU"))
+    return True
+
+
+def shutdown_ray(started: bool) -> None:
+    if started and ray.is_initialized():
+        ray.shutdown()

@@ -1,0 +1,205 @@
+"""The job config: one pydantic model per section, `JobConfig` at the root.
+
+Imports neither torch nor ray, so a config can be validated before anything heavy starts.
+Every model forbids unknown keys; every field has a docstring (printed by `--help-config`).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_default=True)
+
+
+class TinyModelConfig(Section):
+    hidden_size: int = Field(128, ge=8)
+    """Width of the built-in tiny Qwen2 model."""
+    num_layers: int = Field(2, ge=1)
+    """Transformer layers."""
+    num_heads: int = Field(4, ge=1)
+    """Attention heads; must divide hidden_size."""
+    num_kv_heads: int = Field(2, ge=1)
+    """Key/value heads (grouped-query attention); must divide num_heads."""
+    intermediate_size: int = Field(256, ge=8)
+    """MLP width."""
+    max_position_embeddings: int = Field(128, ge=16)
+    """Longest prompt + response the model can see."""
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> TinyModelConfig:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"num_heads ({self.num_heads}) must divide hidden_size ({self.hidden_size}): "
+                "change one of them"
+            )
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_kv_heads ({self.num_kv_heads}) must divide num_heads ({self.num_heads})"
+            )
+        return self
+
+
+class WarmStartConfig(Section):
+    steps: int = Field(60, ge=0)
+    """Supervised steps on the task before RL (built-in tiny model only); 0 skips it."""
+    batch_size: int = Field(64, ge=1)
+    """Examples per supervised step."""
+    lr: float = Field(3e-3, gt=0)
+    """Supervised learning rate."""
+
+
+class ModelConfig(Section):
+    path: str | None = None
+    """HF model directory (config, weights, tokenizer). None builds the tiny built-in model."""
+    tiny: TinyModelConfig = TinyModelConfig()
+    """Shape of the built-in model (used only when path is None)."""
+    warm_start: WarmStartConfig = WarmStartConfig()
+    """Short supervised warm start of the built-in model, so RL starts from a non-zero reward."""
+
+
+class DataConfig(Section):
+    task: str = "sort_digits"
+    """Built-in procedural task that generates prompts (see asyncrl.data.tasks.TASKS)."""
+    task_kwargs: dict[str, int | float | str | bool] = {}
+    """Keyword arguments for the task (difficulty, lengths)."""
+    eval_size: int = Field(200, ge=1)
+    """Held-out prompts for the accuracy evaluation (disjoint seed stream from training)."""
+    drop_all_equal: bool = False
+    """Dynamic sampling (DAPO): drop groups whose rewards are all equal (no learning signal)."""
+
+
+class RolloutConfig(Section):
+    engine: Literal["cpu"] = "cpu"
+    """Inference engine of the rollout workers."""
+    num_workers: int = Field(1, ge=1)
+    """Rollout worker actors, each holding one engine."""
+    worker_num_cpus: float = Field(0.5, gt=0)
+    """CPUs Ray reserves for each rollout worker."""
+    prompts_per_step: int = Field(16, ge=1)
+    """Groups (prompts) in one training batch."""
+    n_samples: int = Field(8, ge=1)
+    """Answers sampled per prompt (the group size)."""
+    max_new_tokens: int = Field(16, ge=1)
+    """Longest answer, in tokens."""
+    temperature: float = Field(1.0, ge=0)
+    """Sampling temperature; logprobs are of softmax(logits / temperature)."""
+    top_p: float = Field(1.0, gt=0, le=1)
+    """Nucleus sampling threshold (1 disables)."""
+    top_k: int = Field(0, ge=0)
+    """Top-k sampling (0 disables)."""
+    oversample: float = Field(1.0, ge=1.0)
+    """Admit up to oversample × the gate's groups, so a batch fills before the slowest finish."""
+    partial: bool = False
+    """APRIL partial rollouts: when a batch is full, abort in-flight answers and resume them
+    later from their tokens (under newer weights) instead of waiting for them."""
+
+
+class RewardConfig(Section):
+    fn: str = "task"
+    """Reward function: a registered name ('task', 'exact_match') or 'package.module:function'."""
+
+
+class AlgorithmConfig(Section):
+    advantage: Literal["grpo", "dr_grpo", "rloo", "reinforce_pp"] = "grpo"
+    """Advantage estimator over each group's rewards."""
+    normalize_std: bool = True
+    """GRPO: divide by the group's reward std."""
+    loss: Literal["ppo_clip", "dual_clip", "dapo", "gspo", "cispo"] = "ppo_clip"
+    """Policy loss."""
+    clip_low: float = Field(0.2, ge=0)
+    """Lower clip range ε_low of the importance ratio."""
+    clip_high: float = Field(0.2, ge=0)
+    """Upper clip range ε_high (> clip_low is DAPO's clip-higher)."""
+    aggregation: Literal[
+        "token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"
+    ] = "token-mean"
+    """How per-token losses are reduced to one number."""
+    kl_coef: float = Field(0.0, ge=0)
+    """Weight of the KL penalty to the initial (reference) policy; 0 disables it."""
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    """KL estimator."""
+    entropy_coef: float = Field(0.0, ge=0)
+    """Entropy bonus weight."""
+    off_policy_correction: Literal["none", "decoupled", "tis"] = "none"
+    """Weight each token by min(π_old / π_behaviour, cap): 'decoupled' PPO (stale samples) or
+    'tis' (truncated importance sampling for engine/trainer mismatch)."""
+    behaviour_weight_cap: float = Field(2.0, gt=0)
+    """Cap of the behaviour importance weight."""
+
+
+class TrainerConfig(Section):
+    backend: Literal["torch"] = "torch"
+    """Trainer backend."""
+    device: str = "cpu"
+    """Torch device of the trainer ('cpu', 'cuda')."""
+    num_cpus: float = Field(1.0, gt=0)
+    """CPUs Ray reserves for the trainer actor."""
+    lr: float = Field(5e-4, gt=0)
+    """AdamW learning rate."""
+    betas: tuple[float, float] = (0.9, 0.99)
+    """AdamW betas."""
+    weight_decay: float = Field(0.0, ge=0)
+    """AdamW weight decay."""
+    grad_clip: float = Field(1.0, gt=0)
+    """Max global gradient norm."""
+    micro_batch_size: int = Field(64, ge=1)
+    """Sequences per forward/backward; gradients accumulate across micro-batches."""
+    minibatches: int = Field(1, ge=1)
+    """Optimizer steps per training batch (PPO minibatches); each bumps the policy version."""
+
+
+class RunConfig(Section):
+    name: str = Field("tiny-sort", pattern=r"^[A-Za-z0-9_.-]+$")
+    """Run name; outputs go to output_dir/name."""
+    output_dir: str = "runs"
+    """Directory that holds run directories."""
+    seed: int = 0
+    """Seed for data, model init, sampling."""
+    steps: int = Field(150, ge=1)
+    """Training batches to run."""
+    eval_every: int = Field(25, ge=1)
+    """Evaluate held-out accuracy every this many steps (and at the start and the end)."""
+    num_cpus: int | None = Field(None, ge=1)
+    """CPUs for the embedded Ray cluster (None: all of this machine's)."""
+    batch_timeout_s: float = Field(600.0, gt=0)
+    """Longest the trainer waits for one batch before the run fails with a clear error."""
+
+
+class JobConfig(Section):
+    mode: Literal["sync", "async"] = "sync"
+    """'sync': generate → reward → train → update, on-policy. 'async': rollouts overlap training."""
+    max_staleness: int = Field(0, ge=0)
+    """η: no trained sample has a token more than η policy versions older than the trainer."""
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    rollout: RolloutConfig = RolloutConfig()
+    reward: RewardConfig = RewardConfig()
+    algorithm: AlgorithmConfig = AlgorithmConfig()
+    trainer: TrainerConfig = TrainerConfig()
+    run: RunConfig = RunConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> JobConfig:
+        if self.mode == "sync" and self.max_staleness != 0:
+            raise ValueError(
+                f"mode 'sync' is on-policy, so max_staleness must be 0 (got {self.max_staleness}):"
+                " set max_staleness=0 or mode=async"
+            )
+        over = self.rollout.partial or self.rollout.oversample > 1
+        if over and self.max_staleness < 1:
+            raise ValueError(
+                "rollout.partial and rollout.oversample > 1 resume or keep answers across a "
+                "weight update, so they need max_staleness >= 1: set mode=async and "
+                "max_staleness=1 (or more), or turn them off"
+            )
+        if self.trainer.minibatches > self.rollout.prompts_per_step * self.rollout.n_samples:
+            raise ValueError(
+                f"trainer.minibatches ({self.trainer.minibatches}) exceeds the samples per batch"
+                f" (rollout.prompts_per_step × rollout.n_samples = "
+                f"{self.rollout.prompts_per_step * self.rollout.n_samples}): lower it"
+            )
+        return self

@@ -1,0 +1,127 @@
+"""The actors of one job and the operations the loop composes: evaluate, train, sync weights.
+
+Pools: rollout workers (one engine each), the trainer, the DataManager; the RolloutManager runs
+in the driver's event loop and talks to them through ActorRefs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from asyncrl.algo.staleness import staleness
+from asyncrl.cluster.actors import ActorRef, kill_all, spawn
+from asyncrl.controller.run import JobContext
+from asyncrl.data.manager import DataManager
+from asyncrl.rollout.manager import RolloutManager
+from asyncrl.rollout.worker import RolloutWorker
+from asyncrl.train.worker import TrainerWorker
+from asyncrl.types import Group, Prompt, Sample, SamplingParams
+
+GREEDY = SamplingParams(temperature=0.0)
+
+
+def new_samples(prompt: Prompt, n: int, max_new_tokens: int) -> list[Sample]:
+    return [
+        Sample(sample_id=f"{prompt.prompt_id}/{i}", prompt_id=prompt.prompt_id,
+               prompt_ids=list(prompt.input_ids), max_new_tokens=max_new_tokens)
+        for i in range(n)
+    ]
+
+
+@dataclass
+class Pools:
+    ctx: JobContext
+    workers: list[ActorRef]
+    trainer: ActorRef
+    data: ActorRef
+    rollout: RolloutManager
+    trainer_version: int = 0
+
+    @classmethod
+    async def start(cls, ctx: JobContext) -> Pools:
+        cfg, r = ctx.config, ctx.config.rollout
+        model_path = str(ctx.model_path)
+        workers = [
+            spawn(RolloutWorker, model_path, r.engine, seed=cfg.run.seed + 1000 * i,
+                  name=f"rollout-worker-{i}", num_cpus=r.worker_num_cpus)
+            for i in range(r.num_workers)
+        ]
+        trainer = spawn(TrainerWorker, model_path, cfg, name="trainer-rank-0",
+                        num_cpus=cfg.trainer.num_cpus)
+        data = spawn(DataManager, group_size=r.n_samples, max_staleness=cfg.max_staleness,
+                     drop_all_equal=cfg.data.drop_all_equal, name="data-manager", num_cpus=0)
+        prompts: dict[str, Prompt] = {}  # prompt_id → Prompt, for the reward (answer, metadata)
+
+        def next_prompt() -> Prompt:
+            prompt = ctx.train_prompts.next()
+            prompts[prompt.prompt_id] = prompt
+            return prompt
+
+        async def score(samples: list[Sample]) -> None:
+            rewards = await asyncio.gather(
+                *(ctx.reward.score(prompts[s.prompt_id], s.response_text) for s in samples))
+            for s, reward in zip(samples, rewards, strict=True):
+                s.reward = reward
+
+        rollout = RolloutManager(
+            workers, data, next_prompt=next_prompt,
+            new_samples=lambda p: new_samples(p, r.n_samples, r.max_new_tokens), score=score,
+            params=SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k),
+            max_staleness=cfg.max_staleness, batch_groups=r.prompts_per_step,
+            versions_per_batch=cfg.trainer.minibatches, oversample=r.oversample,
+        )
+        pools = cls(ctx=ctx, workers=workers, trainer=trainer, data=data, rollout=rollout)
+        await asyncio.gather(*(w.policy_version() for w in workers), trainer.policy_version())
+        return pools
+
+    def close(self) -> None:
+        kill_all([*self.workers, self.trainer, self.data])
+
+    async def evaluate(self) -> float:
+        """Held-out greedy exact-match accuracy, scored by the task itself."""
+        ctx = self.ctx
+        answers = {p.prompt_id: p.answer for p in ctx.eval_prompts}
+        samples = [new_samples(p, 1, ctx.config.rollout.max_new_tokens)[0]
+                   for p in ctx.eval_prompts]
+        shards = [samples[i :: len(self.workers)] for i in range(len(self.workers))]
+        done = await asyncio.gather(
+            *(w.generate(shard, GREEDY) for w, shard in zip(self.workers, shards, strict=True)))
+        correct = [bool(ctx.task.score(s.response_text, answers[s.prompt_id]).correct)
+                   for shard in done for s in shard]
+        return sum(correct) / len(correct)
+
+    async def train(self, batch) -> dict[str, float]:
+        self.rollout.set_trainer_version(self.trainer_version + self.ctx.config.trainer.minibatches)
+        metrics = await self.trainer.step(batch)
+        self.trainer_version = await self.trainer.policy_version()
+        return metrics
+
+    async def sync_weights(self) -> int:
+        """Trainer → every worker (through the object store); returns the new policy version."""
+        weights = await self.trainer.state_dict()
+        versions = await asyncio.gather(
+            *(w.update_weights(weights, self.trainer_version) for w in self.workers))
+        assert all(v == self.trainer_version for v in versions), versions
+        return self.trainer_version
+
+    async def save_final(self) -> Path:
+        final = self.ctx.run_dir / "final_model"
+        await self.trainer.save(str(final))
+        self.ctx.tokenizer.save_pretrained(final)
+        return final
+
+
+def batch_stats(groups: list[Group], trainer_version: int) -> dict[str, float]:
+    samples = [s for g in groups for s in g.samples]
+    rewards = [s.reward for s in samples if s.reward is not None and s.reward.ok]
+    stale = [staleness(s.token_versions, trainer_version) for s in samples]
+    return {
+        "reward/mean": sum(r.value for r in rewards) / len(rewards) if rewards else math.nan,
+        "reward/accuracy": sum(bool(r.correct) for r in rewards) / max(len(rewards), 1),
+        "rollout/response_len": sum(len(s.response_ids) for s in samples) / len(samples),
+        "staleness/mean": sum(stale) / len(stale),
+        "staleness/max": float(max(stale)),
+    }

@@ -1,0 +1,209 @@
+"""GroupBuffer: the pure state machine behind the DataManager (no Ray, no asyncio).
+
+Life of a sample (the ledger counts every one of them exactly once at any time):
+
+    started ──► in flight ──► finished ──► in a complete group ──► ready ──► trained
+                   │  ▲                        │                     │
+                   ▼  │ resumed first          ▼ dropped: filter     ▼ dropped: stale
+                 partial pool                 (reward_failed, all_equal_reward)
+                   │
+                   ▼ dropped: stale_partial (replaced by a fresh sample of the same prompt)
+
+`started == trained + Σ dropped[reason] + pending` always holds (`ledger()` checks it).
+
+Staleness (asyncrl.algo.staleness) of a group = trainer version − oldest token version in it.
+A ready group older than η when a batch is taken is dropped (reason "stale") and its prompt is
+re-queued, so no prompt is lost. A partial whose oldest token is already older than η can never
+be trained; it is dropped (reason "stale_partial") and a fresh sample takes its place.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+
+from asyncrl.algo.staleness import staleness
+from asyncrl.types import FinishReason, Group, Prompt, Sample
+
+
+@dataclass
+class _GroupState:
+    prompt: Prompt
+    size: int
+    finished: dict[str, Sample] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Whether a complete group is kept, and if not, the reason (a metric label)."""
+
+    keep: bool
+    reason: str = ""
+
+
+def filter_group(group: Group, *, drop_all_equal: bool) -> Decision:
+    if any(s.reward is None or not s.reward.ok for s in group.samples):
+        return Decision(False, "reward_failed")
+    if drop_all_equal and len({s.reward.value for s in group.samples}) == 1:
+        return Decision(False, "all_equal_reward")
+    return Decision(True)
+
+
+def group_staleness(group: Group, trainer_version: int) -> int:
+    versions = [v for s in group.samples for v in s.token_versions]
+    return staleness(versions, trainer_version)
+
+
+class GroupBuffer:
+    def __init__(self, *, group_size: int, max_staleness: int, drop_all_equal: bool) -> None:
+        self.group_size, self.max_staleness = group_size, max_staleness
+        self.drop_all_equal = drop_all_equal
+        self._groups: dict[str, _GroupState] = {}  # prompt_id → open group (not yet ready)
+        self._partials: OrderedDict[str, Sample] = OrderedDict()  # sample_id → partial
+        self._ready: deque[Group] = deque()
+        self._requeued: deque[Prompt] = deque()
+        self._training = 0  # groups popped for a batch whose new weights are not yet out
+        self._in_flight: dict[str, Sample] = {}  # as dispatched, for checkpoints
+        self._fresh_ids = itertools.count()
+        self.started = 0
+        self.trained = 0
+        self.dropped: dict[str, int] = {}
+
+    # --- intake -------------------------------------------------------------------------
+    def start_group(self, prompt: Prompt, samples: list[Sample]) -> None:
+        """A new group was dispatched (its samples are now in flight)."""
+        self._groups[prompt.prompt_id] = _GroupState(prompt, len(samples))
+        self.started += len(samples)
+        self._in_flight.update((s.sample_id, s) for s in samples)
+
+    def resume(self, samples: list[Sample]) -> None:
+        """Partials taken from the pool were dispatched again."""
+        self._in_flight.update((s.sample_id, s) for s in samples)
+
+    def add(self, samples: list[Sample]) -> None:
+        """Samples came back from an engine: finished ones scored, aborted ones partial."""
+        for s in samples:
+            self._in_flight.pop(s.sample_id, None)
+            if s.finish_reason is FinishReason.ABORT:
+                self._partials[s.sample_id] = s
+                continue
+            state = self._groups[s.prompt_id]
+            state.finished[s.sample_id] = s
+            if len(state.finished) == state.size:
+                self._complete(self._groups.pop(s.prompt_id))
+
+    def requeue_lost(self, samples: list[Sample]) -> None:
+        """Samples whose worker died: back to the pool, resumed like partials (nothing lost)."""
+        for s in samples:
+            self._in_flight.pop(s.sample_id, None)
+            self._partials[s.sample_id] = s
+
+    def _complete(self, state: _GroupState) -> None:
+        group = Group(state.prompt, list(state.finished.values()))
+        decision = filter_group(group, drop_all_equal=self.drop_all_equal)
+        if decision.keep:
+            self._ready.append(group)
+        else:
+            self._drop(len(group.samples), decision.reason)
+
+    def _drop(self, count: int, reason: str) -> None:
+        self.dropped[reason] = self.dropped.get(reason, 0) + count
+
+    # --- output -------------------------------------------------------------------------
+    def take_partials(self, trainer_version: int) -> list[list[Sample]]:
+        """Every partial, grouped by prompt, for resumption first; hopeless ones replaced."""
+        by_prompt: dict[str, list[Sample]] = {}
+        while self._partials:
+            _, s = self._partials.popitem(last=False)
+            oldest = s.oldest_version
+            if oldest is not None and trainer_version - oldest > self.max_staleness:
+                self._drop(1, "stale_partial")
+                s = self._fresh_copy(s)
+            by_prompt.setdefault(s.prompt_id, []).append(s)
+        for samples in by_prompt.values():
+            self.resume(samples)
+        return list(by_prompt.values())
+
+    def _fresh_copy(self, s: Sample) -> Sample:
+        self.started += 1
+        return Sample(
+            sample_id=f"{s.sample_id.split('#')[0]}#{next(self._fresh_ids)}", prompt_id=s.prompt_id,
+            prompt_ids=s.prompt_ids, max_new_tokens=s.max_new_tokens,
+        )
+
+    def take_requeued(self) -> Prompt | None:
+        return self._requeued.popleft() if self._requeued else None
+
+    def pop_batch(self, n_groups: int, trainer_version: int) -> list[Group] | None:
+        """n_groups ready groups within η of trainer_version (FIFO), or None if too few."""
+        fresh: deque[Group] = deque()
+        for group in self._ready:
+            if group_staleness(group, trainer_version) > self.max_staleness:
+                self._drop(len(group.samples), "stale")
+                self._requeued.append(group.prompt)
+            else:
+                fresh.append(group)
+        self._ready = fresh
+        if len(self._ready) < n_groups:
+            return None
+        batch = [self._ready.popleft() for _ in range(n_groups)]
+        self.trained += sum(len(g.samples) for g in batch)
+        self._training += n_groups
+        return batch
+
+    def release_batch(self, n_groups: int) -> None:
+        """The batch's weights reached every worker: its slots may be reused."""
+        self._training -= n_groups
+
+    # --- accounting ---------------------------------------------------------------------
+    @property
+    def ready_groups(self) -> int:
+        return len(self._ready)
+
+    @property
+    def active_groups(self) -> int:
+        """Groups admitted whose slot is not yet free: open, ready, or in a batch whose weights
+        have not reached the workers yet (the staleness gate counts these)."""
+        return len(self._groups) + len(self._ready) + self._training
+
+    @property
+    def pending(self) -> int:
+        open_finished = sum(len(g.finished) for g in self._groups.values())
+        ready = sum(len(g.samples) for g in self._ready)
+        return len(self._in_flight) + len(self._partials) + open_finished + ready
+
+    @property
+    def partial_count(self) -> int:
+        return len(self._partials)
+
+    def ledger(self) -> dict[str, int]:
+        out = {"started": self.started, "trained": self.trained, "pending": self.pending,
+               **{f"dropped/{k}": v for k, v in sorted(self.dropped.items())}}
+        out["balance"] = self.started - self.trained - self.pending - sum(self.dropped.values())
+        return out
+
+    # --- checkpoint ---------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Everything needed to continue; in-flight samples are saved as partials (resumed
+        from where they were dispatched), so a resume neither loses nor duplicates a sample."""
+        partials = [*self._partials.values(), *self._in_flight.values()]
+        return {
+            "groups": [(g.prompt, g.size, list(g.finished.values())) for g in self._groups.values()],
+            "partials": partials, "ready": list(self._ready), "requeued": list(self._requeued),
+            "started": self.started, "trained": self.trained, "training": self._training, "dropped": dict(self.dropped),
+            "fresh_ids": next(self._fresh_ids),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self._groups = {
+            prompt.prompt_id: _GroupState(prompt, size, {s.sample_id: s for s in finished})
+            for prompt, size, finished in state["groups"]
+        }
+        self._partials = OrderedDict((s.sample_id, s) for s in state["partials"])
+        self._ready, self._requeued = deque(state["ready"]), deque(state["requeued"])
+        self._in_flight = {}
+        self.started, self.trained = state["started"], state["trained"]
+        self._training = state["training"]
+        self.dropped = dict(state["dropped"])
+        self._fresh_ids = itertools.count(state["fresh_ids"])

@@ -1,0 +1,142 @@
+"""RolloutManager: admits prompts under the staleness gate and dispatches them to workers.
+
+Order of work: partials (interrupted answers) first, then prompts re-queued after a drop, then
+fresh prompts. Each group goes, whole, to the worker with the fewest samples in flight.
+
+Staleness gate (active-slot form; it holds no history, so it is exact after a resume):
+
+    admit while active_groups < (⌊η / m⌋ + 1) × B × oversample
+
+B = groups per batch, m = policy versions per batch (optimizer steps per batch), active_groups =
+groups admitted whose slot is not free yet. A slot is freed only when its group was dropped, or
+was trained and the resulting weights reached every worker (torchtitan's "born fresh" rule).
+So with oversample = 1 every group starts on weights at most ⌊η/m⌋ batches older than the batch
+that trains it: staleness ≤ η. The DataManager still checks every batch, so out-of-order
+completion or over-provisioning can only cause counted drops, never a stale sample trained.
+
+APRIL: `abort_in_flight()` interrupts every request; the engines return partial answers, which
+go to the partial pool and are resumed first, from their tokens, under newer weights.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from asyncrl.errors import WorkerLost
+from asyncrl.types import Prompt, Sample, SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+def gate_capacity(
+    *, max_staleness: int, versions_per_batch: int, batch_groups: int, oversample: float
+) -> int:
+    """Groups that may be active at once (see the module docstring)."""
+    return (max_staleness // versions_per_batch + 1) * int(round(batch_groups * oversample))
+
+
+class RolloutManager:
+    def __init__(
+        self,
+        workers: list[Any],
+        data: Any,
+        *,
+        next_prompt: Callable[[], Prompt],
+        new_samples: Callable[[Prompt], list[Sample]],
+        score: Callable[[list[Sample]], Awaitable[None]],
+        params: SamplingParams,
+        max_staleness: int,
+        batch_groups: int,
+        versions_per_batch: int,
+        oversample: float,
+    ) -> None:
+        self._workers = {w.name: w for w in workers}
+        self._load = {w.name: 0 for w in workers}
+        self._data = data
+        self._next_prompt, self._new_samples, self._score = next_prompt, new_samples, score
+        self._params = params
+        self._eta, self._batch_groups = max_staleness, batch_groups
+        self._m, self._oversample = versions_per_batch, oversample
+        self.trainer_version = 0
+        self._wake = asyncio.Event()
+        self._tasks: set[asyncio.Task] = set()
+        self.generated_tokens = 0
+
+    # --- versions and capacity -------------------------------------------------------------
+    def set_trainer_version(self, version: int) -> None:
+        self.trainer_version = version
+        self._wake.set()
+
+    def capacity(self) -> int:
+        return gate_capacity(
+            max_staleness=self._eta, versions_per_batch=self._m,
+            batch_groups=self._batch_groups, oversample=self._oversample,
+        )
+
+    @property
+    def in_flight(self) -> int:
+        return sum(self._load.values())
+
+    # --- the producer loop -----------------------------------------------------------------
+    async def run(self) -> None:
+        """Admit and dispatch forever (cancel the task to stop)."""
+        while True:
+            for samples in await self._data.take_partials(self.trainer_version):
+                self._dispatch(samples)
+            active = (await self._data.stats())["active_groups"]
+            if active < self.capacity() and self._workers:
+                prompt = await self._data.take_requeued() or self._next_prompt()
+                samples = self._new_samples(prompt)
+                await self._data.start_group(prompt, samples)
+                self._dispatch(samples)
+                continue
+            await self._wait_for_change()
+
+    async def _wait_for_change(self) -> None:
+        """Sleep until the buffer changes (samples back, slots freed) or the version moves."""
+        self._wake.clear()
+        waiters = [asyncio.create_task(self._data.wait_changed()),
+                   asyncio.create_task(self._wake.wait())]
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        for waiter in waiters:
+            waiter.cancel()
+
+    def _dispatch(self, samples: list[Sample]) -> None:
+        name = min(self._load, key=self._load.get)
+        self._load[name] += len(samples)
+        task = asyncio.create_task(self._request(name, samples))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _request(self, name: str, samples: list[Sample]) -> None:
+        before = sum(len(s.response_ids) for s in samples)
+        try:
+            out = await self._workers[name].generate(samples, self._params)
+        except WorkerLost as exc:
+            log.warning("%s; re-queueing its %d samples", exc, len(samples))
+            self.remove_worker(name)
+            await self._data.requeue_lost(samples)
+            return
+        finally:
+            if name in self._load:
+                self._load[name] -= len(samples)
+        self.generated_tokens += sum(len(s.response_ids) for s in out) - before
+        await self._score([s for s in out if s.is_finished])
+        await self._data.put(out)
+
+    # --- control ---------------------------------------------------------------------------
+    async def abort_in_flight(self) -> None:
+        """APRIL: interrupt every in-flight request; partials come back through `_request`."""
+        await asyncio.gather(*(w.abort(None) for w in self._workers.values()))
+
+    def remove_worker(self, name: str) -> None:
+        self._workers.pop(name, None)
+        self._load.pop(name, None)
+
+    async def drain(self) -> None:
+        """Wait for every dispatched request to come back."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)

@@ -1,0 +1,39 @@
+"""TrainerWorker: the body of the trainer actor, around one `TrainerBackend`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from asyncrl.config.job import JobConfig
+from asyncrl.types import TrainBatch
+
+
+class TrainerWorker:
+    def __init__(self, model_path: str, config: JobConfig, *, num_threads: int = 1) -> None:
+        torch.set_num_threads(num_threads)
+        if config.trainer.backend != "torch":  # the only backend so far; config rejects others
+            raise ValueError(f"trainer.backend: unknown backend {config.trainer.backend!r}")
+        from asyncrl.train.torch_backend import TorchBackend
+
+        self._backend = TorchBackend(
+            model_path, config.algorithm, config.trainer,
+            temperature=config.rollout.temperature,
+            max_new_tokens=config.rollout.max_new_tokens, seed=config.run.seed,
+        )
+
+    def step(self, batch: TrainBatch) -> dict[str, float]:
+        return self._backend.step(batch)
+
+    def logprobs(self, batch: TrainBatch) -> torch.Tensor:
+        return self._backend.logprobs(batch)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {name: t.cpu().clone() for name, t in self._backend.named_weights()}
+
+    def policy_version(self) -> int:
+        return self._backend.policy_version
+
+    def save(self, path: str) -> None:
+        self._backend.save(Path(path))

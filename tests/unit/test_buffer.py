@@ -1,0 +1,154 @@
+"""GroupBuffer: the DataManager's state machine, staleness rules and exactly-once ledger."""
+
+from __future__ import annotations
+
+import pickle
+
+from asyncrl.data.buffer import GroupBuffer
+from asyncrl.types import FinishReason, Prompt, Reward, Sample
+
+
+def _prompt(i: int) -> Prompt:
+    return Prompt(prompt_id=f"p{i}", text=f"q{i}", input_ids=[1, 2], answer="a")
+
+
+def _samples(prompt: Prompt, n: int) -> list[Sample]:
+    return [Sample(sample_id=f"{prompt.prompt_id}/{k}", prompt_id=prompt.prompt_id,
+                   prompt_ids=prompt.input_ids, max_new_tokens=4) for k in range(n)]
+
+
+def _finish(s: Sample, version: int, reward: float, tokens: int = 2) -> Sample:
+    for _ in range(tokens):
+        s.append(7, -0.5, version)
+    s.finish_reason = FinishReason.STOP
+    s.reward = Reward(value=reward)
+    return s
+
+
+def _abort(s: Sample, version: int, tokens: int = 1) -> Sample:
+    for _ in range(tokens):
+        s.append(7, -0.5, version)
+    s.finish_reason = FinishReason.ABORT
+    return s
+
+
+def _balanced(buf: GroupBuffer) -> dict[str, int]:
+    ledger = buf.ledger()
+    assert ledger["balance"] == 0, ledger
+    return ledger
+
+
+def test_complete_groups_become_a_batch_and_the_ledger_balances():
+    buf = GroupBuffer(group_size=2, max_staleness=0, drop_all_equal=False)
+    for i in range(3):
+        p = _prompt(i)
+        samples = _samples(p, 2)
+        buf.start_group(p, samples)
+        buf.add([_finish(samples[0], 0, 1.0), _finish(samples[1], 0, 0.0)])
+    assert _balanced(buf) == {"started": 6, "trained": 0, "pending": 6, "balance": 0}
+    assert buf.pop_batch(4, trainer_version=0) is None  # only 3 ready
+    batch = buf.pop_batch(2, trainer_version=0)
+    assert [g.prompt.prompt_id for g in batch] == ["p0", "p1"]  # FIFO
+    assert _balanced(buf)["trained"] == 4
+    assert buf.active_groups == 3  # 1 ready + 2 in a batch whose weights are not out yet
+    buf.release_batch(2)
+    assert buf.active_groups == 1
+
+
+def test_group_older_than_eta_is_dropped_with_a_reason_and_its_prompt_requeued():
+    # Group generated at version 0; the trainer is at version 2 with η = 1: staleness 2 > 1.
+    buf = GroupBuffer(group_size=2, max_staleness=1, drop_all_equal=False)
+    p = _prompt(0)
+    samples = _samples(p, 2)
+    buf.start_group(p, samples)
+    buf.add([_finish(samples[0], 0, 1.0), _finish(samples[1], 1, 0.0)])
+    assert buf.pop_batch(1, trainer_version=2) is None
+    assert buf.dropped == {"stale": 2}
+    assert buf.take_requeued() is p
+    _balanced(buf)
+
+
+def test_staleness_uses_the_oldest_token_of_any_sample_in_the_group():
+    buf = GroupBuffer(group_size=2, max_staleness=1, drop_all_equal=False)
+    p = _prompt(0)
+    a, b = _samples(p, 2)
+    buf.start_group(p, [a, b])
+    a.append(7, -0.1, 0)  # one old token, then newer ones
+    buf.add([_finish(a, 1, 1.0), _finish(b, 1, 0.0)])
+    assert buf.pop_batch(1, trainer_version=1) is not None  # staleness 1 ≤ η
+    buf2 = GroupBuffer(group_size=2, max_staleness=1, drop_all_equal=False)
+    c, d = _samples(p, 2)
+    buf2.start_group(p, [c, d])
+    c.append(7, -0.1, 0)
+    buf2.add([_finish(c, 2, 1.0), _finish(d, 2, 0.0)])
+    assert buf2.pop_batch(1, trainer_version=2) is None  # oldest token 0: staleness 2 > η
+
+
+def test_dynamic_sampling_drops_all_equal_groups_and_failed_rewards_are_dropped_not_zeroed():
+    buf = GroupBuffer(group_size=2, max_staleness=0, drop_all_equal=True)
+    p0, p1 = _prompt(0), _prompt(1)
+    s0, s1 = _samples(p0, 2), _samples(p1, 2)
+    buf.start_group(p0, s0)
+    buf.start_group(p1, s1)
+    buf.add([_finish(s0[0], 0, 1.0), _finish(s0[1], 0, 1.0)])
+    failed = _finish(s1[1], 0, 0.0)
+    failed.reward = Reward.failed("timeout")
+    buf.add([_finish(s1[0], 0, 1.0), failed])
+    assert buf.dropped == {"all_equal_reward": 2, "reward_failed": 2}
+    assert buf.ready_groups == 0 and buf.active_groups == 0
+    _balanced(buf)
+
+
+def test_partials_are_resumed_and_hopeless_ones_replaced_by_fresh_samples():
+    buf = GroupBuffer(group_size=2, max_staleness=1, drop_all_equal=False)
+    p = _prompt(0)
+    a, b = _samples(p, 2)
+    buf.start_group(p, [a, b])
+    buf.add([_abort(a, 0), _abort(b, 1)])
+    assert buf.partial_count == 2
+    # Trainer at version 2: a (oldest token 0) can never be trained within η = 1; b can.
+    (resumed,) = buf.take_partials(trainer_version=2)
+    ids = sorted(s.sample_id for s in resumed)
+    assert ids == ["p0/0#0", "p0/1"]
+    fresh = next(s for s in resumed if s.sample_id == "p0/0#0")
+    assert fresh.response_ids == [] and fresh.token_versions == []
+    kept = next(s for s in resumed if s.sample_id == "p0/1")
+    assert kept.token_versions == [1]  # continues from its tokens
+    assert buf.dropped == {"stale_partial": 1}
+    assert _balanced(buf)["started"] == 3
+    buf.add([_finish(fresh, 2, 1.0), _finish(kept, 2, 0.0)])
+    assert buf.ready_groups == 1
+    _balanced(buf)
+
+
+def test_lost_worker_samples_go_back_to_the_pool():
+    buf = GroupBuffer(group_size=2, max_staleness=0, drop_all_equal=False)
+    p = _prompt(0)
+    samples = _samples(p, 2)
+    buf.start_group(p, samples)
+    buf.requeue_lost(samples)
+    assert buf.partial_count == 2
+    (again,) = buf.take_partials(trainer_version=0)
+    assert len(again) == 2
+    _balanced(buf)
+
+
+def test_state_round_trip_keeps_every_sample_once_and_in_flight_becomes_partial():
+    buf = GroupBuffer(group_size=2, max_staleness=1, drop_all_equal=False)
+    p0, p1 = _prompt(0), _prompt(1)
+    s0, s1 = _samples(p0, 2), _samples(p1, 2)
+    buf.start_group(p0, s0)
+    buf.start_group(p1, s1)
+    buf.add([_finish(s0[0], 0, 1.0), _finish(s0[1], 0, 0.0), _abort(s1[0], 0)])
+    before = buf.ledger()
+    restored = GroupBuffer(group_size=2, max_staleness=1, drop_all_equal=False)
+    restored.load_state_dict(pickle.loads(pickle.dumps(buf.state_dict())))
+    assert restored.ledger() == before
+    assert restored.partial_count == 2  # the aborted one and the one that was in flight
+    assert restored.ready_groups == 1
+    (resumed,) = restored.take_partials(trainer_version=1)
+    assert sorted(s.sample_id for s in resumed) == ["p1/0", "p1/1"]
+    restored.add([_finish(s, 1, 1.0) for s in resumed])
+    # p1 has rewards (1, 1); no dynamic filter here, so it is ready.
+    assert restored.pop_batch(2, trainer_version=1) is not None
+    _balanced(restored)
