@@ -12,19 +12,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 import torch
 
 
-class FinishReason(str, Enum):
+class FinishReason(StrEnum):
     STOP = "stop"  # the engine produced EOS (or a stop token)
     LENGTH = "length"  # max_new_tokens reached
     ABORT = "abort"  # interrupted; a partial that may be resumed
 
 
-class RewardStatus(str, Enum):
+class RewardStatus(StrEnum):
     OK = "ok"
     FAILED = "failed"
     TIMEOUT = "timeout"

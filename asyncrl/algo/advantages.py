@@ -14,7 +14,9 @@ def _group_index(group_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
     return index, int(index.max()) + 1 if index.numel() else 0
 
 
-def _group_mean(rewards: torch.Tensor, index: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _group_mean(
+    rewards: torch.Tensor, index: torch.Tensor, groups: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample group mean [B] and group size [B]."""
     sums = torch.zeros(groups, dtype=rewards.dtype).index_add_(0, index, rewards)
     counts = torch.zeros(groups, dtype=rewards.dtype).index_add_(0, index, torch.ones_like(rewards))

@@ -1,1 +1,1 @@
-"""Ray lives here (and in the controller): cluster start/connect and turning plain classes into actors."""
+"""Ray lives here (and in the controller): start or join a cluster, make plain classes actors."""

@@ -189,9 +189,11 @@ class GroupBuffer:
         from where they were dispatched), so a resume neither loses nor duplicates a sample."""
         partials = [*self._partials.values(), *self._in_flight.values()]
         return {
-            "groups": [(g.prompt, g.size, list(g.finished.values())) for g in self._groups.values()],
+            "groups": [(g.prompt, g.size, list(g.finished.values()))
+                       for g in self._groups.values()],
             "partials": partials, "ready": list(self._ready), "requeued": list(self._requeued),
-            "started": self.started, "trained": self.trained, "training": self._training, "dropped": dict(self.dropped),
+            "started": self.started, "trained": self.trained, "training": self._training,
+            "dropped": dict(self.dropped),
             "fresh_ids": next(self._fresh_ids),
         }
 

@@ -11,7 +11,7 @@ import torch
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """[B, T] bool/int mask -> [B, T] positions counting only real tokens (left or right padding)."""
+    """[B, T] mask -> [B, T] positions counting only real tokens (left or right padding)."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 

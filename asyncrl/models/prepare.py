@@ -52,5 +52,6 @@ def prepare_model(
         seed=seed, exclude=exclude, on_step=on_step,
     )
     save_pretrained(model, tokenizer, out_dir)
-    log.info("built tiny model (%d params) at %s", sum(p.numel() for p in model.parameters()), out_dir)
+    params = sum(p.numel() for p in model.parameters())
+    log.info("built tiny model (%d params) at %s", params, out_dir)
     return out_dir

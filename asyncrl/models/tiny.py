@@ -64,7 +64,9 @@ def build_tiny_model(
     return Qwen2ForCausalLM(config)
 
 
-def save_pretrained(model: Qwen2ForCausalLM, tokenizer: PreTrainedTokenizerFast, path: Path) -> None:
+def save_pretrained(
+    model: Qwen2ForCausalLM, tokenizer: PreTrainedTokenizerFast, path: Path
+) -> None:
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)

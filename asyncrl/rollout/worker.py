@@ -30,7 +30,9 @@ class RolloutWorker:
     async def abort(self, sample_ids: Iterable[str] | None = None) -> None:
         await self._engine.abort(sample_ids)
 
-    async def update_weights(self, named_tensors: dict[str, torch.Tensor], policy_version: int) -> int:
+    async def update_weights(
+        self, named_tensors: dict[str, torch.Tensor], policy_version: int
+    ) -> int:
         await self._engine.update_weights(named_tensors.items(), policy_version)
         return self._engine.policy_version
 

@@ -43,7 +43,9 @@ class TorchBackend:
         self._device = torch.device(trainer.device)
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
         self.model.to(self._device).train()
-        self._ref = copy.deepcopy(self.model).eval().requires_grad_(False) if algorithm.kl_coef else None
+        self._ref = (
+            copy.deepcopy(self.model).eval().requires_grad_(False) if algorithm.kl_coef else None
+        )
         self._opt = torch.optim.AdamW(
             self.model.parameters(), lr=trainer.lr, betas=trainer.betas,
             weight_decay=trainer.weight_decay,
@@ -72,7 +74,9 @@ class TorchBackend:
 
     def _advantages(self, batch: TrainBatch) -> torch.Tensor:
         estimator = adv_lib.ADVANTAGE_ESTIMATORS[self._algo.advantage]
-        kwargs = {"normalize_std": self._algo.normalize_std} if self._algo.advantage == "grpo" else {}
+        kwargs = {}
+        if self._algo.advantage == "grpo":
+            kwargs["normalize_std"] = self._algo.normalize_std
         per_seq = estimator(batch.rewards, batch.group_ids, **kwargs)
         return adv_lib.expand_to_tokens(per_seq, batch.loss_mask)
 

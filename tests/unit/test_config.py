@@ -89,7 +89,7 @@ def test_overrides_apply_on_top_of_the_file_and_resolved_config_round_trips(tmp_
         ("algorithm.loss=ppo2", "algorithm.loss"),
         ("data.task=chess", "data.task: unknown task 'chess'"),
         ("reward.fn=nosuch", "reward.fn: unknown name 'nosuch'"),
-        ("reward.fn=nosuch_module_xyz:score", "reward.fn: cannot import module 'nosuch_module_xyz'"),
+        ("reward.fn=nosuch_mod:score", "reward.fn: cannot import module 'nosuch_mod'"),
         ("model.path=/nonexistent/model", "model.path: '/nonexistent/model' is not an HF model"),
     ],
 )

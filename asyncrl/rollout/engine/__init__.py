@@ -39,7 +39,7 @@ class RolloutEngine(Protocol):
     async def update_weights(
         self, named_tensors: Iterable[tuple[str, torch.Tensor]], policy_version: int
     ) -> None:
-        """Load new weights (HF names) between decoding steps; later tokens carry the new version."""
+        """Load new weights (HF names) between decoding steps; later tokens carry the version."""
         ...
 
     async def close(self) -> None: ...

@@ -245,7 +245,9 @@ class CpuEngine:
         self._cache, self._logits = out.past_key_values, out.logits[:, -1].float()
 
 
-def _merge(cache_a: DynamicCache, mask_a: torch.Tensor, cache_b: DynamicCache, mask_b: torch.Tensor):
+def _merge(
+    cache_a: DynamicCache, mask_a: torch.Tensor, cache_b: DynamicCache, mask_b: torch.Tensor
+):
     """Stack two left-padded batches: left-pad the shorter one's keys/values and mask."""
     width = max(mask_a.shape[1], mask_b.shape[1])
 
@@ -258,7 +260,8 @@ def _merge(cache_a: DynamicCache, mask_a: torch.Tensor, cache_b: DynamicCache, m
         return torch.cat([t.new_zeros(shape), t], dim=dim)
 
     layers = [
-        (torch.cat([pad(a.keys, 2), pad(b.keys, 2)]), torch.cat([pad(a.values, 2), pad(b.values, 2)]))
+        (torch.cat([pad(a.keys, 2), pad(b.keys, 2)]),
+         torch.cat([pad(a.values, 2), pad(b.values, 2)]))
         for a, b in zip(cache_a.layers, cache_b.layers, strict=True)
     ]
     mask = torch.cat([pad(mask_a, 1), pad(mask_b, 1)])

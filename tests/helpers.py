@@ -1,0 +1,37 @@
+"""Builders shared by tests: a real tiny model on disk, samples and batches from it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from asyncrl.models.tiny import build_char_tokenizer, build_tiny_model, save_pretrained
+from asyncrl.types import Group, Prompt, Reward, Sample, TrainBatch
+
+TINY_SHAPE = dict(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                  intermediate_size=128, max_position_embeddings=128)
+
+
+def save_tiny_model(path: Path, seed: int = 0) -> Path:
+    tokenizer = build_char_tokenizer()
+    model = build_tiny_model(len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id,
+                             seed=seed, **TINY_SHAPE)
+    save_pretrained(model, tokenizer, path)
+    return path
+
+
+def make_samples(tokenizer, prompts: list[str], n: int, max_new_tokens: int) -> list[Sample]:
+    return [
+        Sample(sample_id=f"p{i}/{k}", prompt_id=f"p{i}", prompt_ids=tokenizer(p).input_ids,
+               max_new_tokens=max_new_tokens)
+        for i, p in enumerate(prompts) for k in range(n)
+    ]
+
+
+def as_batch(samples: list[Sample], pad_token_id: int) -> TrainBatch:
+    """One group per prompt id, rewards set to 0 (only the token tensors matter here)."""
+    groups: dict[str, list[Sample]] = {}
+    for s in samples:
+        s.reward = s.reward or Reward(0.0)
+        groups.setdefault(s.prompt_id, []).append(s)
+    return TrainBatch.from_groups(
+        [Group(Prompt(pid, "", []), ss) for pid, ss in groups.items()], pad_token_id)
