@@ -58,3 +58,12 @@ class LocalRef:
             return await out if inspect.isawaitable(out) else out
 
         return call
+
+
+async def run_in_actor(ref: ActorRef, fn: Any, *args: Any) -> Any:
+    """Run a plain function inside an actor's process (e.g. to learn its node's address)."""
+    return await ref.handle.__ray_call__.remote(lambda _self, *a: fn(*a), *args)
+
+
+def node_ip() -> str:
+    return ray.util.get_node_ip_address()

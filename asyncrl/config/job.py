@@ -152,6 +152,15 @@ class TrainerConfig(Section):
     """Optimizer steps per training batch (PPO minibatches); each bumps the policy version."""
 
 
+class SyncConfig(Section):
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    """Weight broadcast backend; auto: nccl when the trainer is on a GPU, else gloo."""
+    bucket_mb: float = Field(64.0, gt=0)
+    """Size of the flat buckets weights travel in."""
+    timeout_s: float = Field(120.0, gt=0)
+    """Longest wait of any weight-sync step before the run fails with a clear error."""
+
+
 class RunConfig(Section):
     name: str = Field("tiny-sort", pattern=r"^[A-Za-z0-9_.-]+$")
     """Run name; outputs go to output_dir/name."""
@@ -180,6 +189,7 @@ class JobConfig(Section):
     reward: RewardConfig = RewardConfig()
     algorithm: AlgorithmConfig = AlgorithmConfig()
     trainer: TrainerConfig = TrainerConfig()
+    sync: SyncConfig = SyncConfig()
     run: RunConfig = RunConfig()
 
     @model_validator(mode="after")

@@ -99,13 +99,14 @@ async def _one_step(pools: Pools, ctx: JobContext, producer: asyncio.Task) -> di
     batch = TrainBatch.from_groups(groups, ctx.tokenizer.pad_token_id)
     train_metrics = await pools.train(batch)
     t2 = time.perf_counter()
-    new_version = await pools.sync_weights()
+    sync_stats = await pools.sync_weights()
     await pools.data.release_batch(len(groups))
     t3 = time.perf_counter()
     generated = pools.rollout.generated_tokens - tokens_before
     data_stats = await pools.data.stats()
     return {
-        "policy_version": new_version,
+        "policy_version": pools.trainer_version,
+        **sync_stats,
         **batch_stats(groups, version),
         **train_metrics,
         **{f"data/{k}": float(v) for k, v in data_stats.items()},

@@ -12,11 +12,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from asyncrl.algo.staleness import staleness
-from asyncrl.cluster.actors import ActorRef, kill_all, spawn
+from asyncrl.cluster.actors import ActorRef, kill_all, node_ip, run_in_actor, spawn
 from asyncrl.controller.run import JobContext
 from asyncrl.data.manager import DataManager
 from asyncrl.rollout.manager import RolloutManager
 from asyncrl.rollout.worker import RolloutWorker
+from asyncrl.sync.broadcast import WeightBroadcast
 from asyncrl.train.worker import TrainerWorker
 from asyncrl.types import Group, Prompt, Sample, SamplingParams
 
@@ -39,6 +40,7 @@ class Pools:
     data: ActorRef
     rollout: RolloutManager
     trainer_version: int = 0
+    _groups_formed: int = 0
 
     @classmethod
     async def start(cls, ctx: JobContext) -> Pools:
@@ -74,7 +76,7 @@ class Pools:
             versions_per_batch=cfg.trainer.minibatches, oversample=r.oversample,
         )
         pools = cls(ctx=ctx, workers=workers, trainer=trainer, data=data, rollout=rollout)
-        await asyncio.gather(*(w.policy_version() for w in workers), trainer.policy_version())
+        await pools.form_weight_group()
         return pools
 
     def close(self) -> None:
@@ -99,13 +101,41 @@ class Pools:
         self.trainer_version = await self.trainer.policy_version()
         return metrics
 
-    async def sync_weights(self) -> int:
-        """Trainer → every worker (through the object store); returns the new policy version."""
-        weights = await self.trainer.state_dict()
-        versions = await asyncio.gather(
-            *(w.update_weights(weights, self.trainer_version) for w in self.workers))
-        assert all(v == self.trainer_version for v in versions), versions
-        return self.trainer_version
+    async def form_weight_group(self) -> None:
+        """(Re)build the broadcast group of the trainer and every current worker. Called at
+        start and whenever membership changes: a group's world size is fixed."""
+        self._groups_formed += 1
+        host = await run_in_actor(self.trainer, node_ip)
+        port = await run_in_actor(self.trainer, WeightBroadcast.free_port, host)
+        sync = self.ctx.config.sync
+        group = dict(world_size=len(self.workers) + 1, host=host, port=port,
+                     backend=sync.backend, device=self.ctx.config.trainer.device,
+                     bucket_bytes=int(sync.bucket_mb * (1 << 20)), timeout_s=sync.timeout_s,
+                     group_name=f"weights-{self._groups_formed}")
+        await asyncio.gather(
+            self.trainer.open_weight_group(group),
+            *(w.join_weight_group({**group, "rank": rank})
+              for rank, w in enumerate(self.workers, start=1)))
+
+    async def sync_weights(self) -> dict[str, float]:
+        """Broadcast the trainer's weights; returns once every worker has loaded them."""
+        stats, *versions = await asyncio.gather(
+            self.trainer.broadcast_weights(), *(w.receive_weights() for w in self.workers))
+        assert all(v == self.trainer_version for v in versions), (versions, self.trainer_version)
+        return stats
+
+    async def add_worker(self) -> ActorRef:
+        """A worker joining a running job gets the current weights before its first request."""
+        cfg = self.ctx.config
+        index = len(self.workers)
+        worker = spawn(RolloutWorker, str(self.ctx.model_path), cfg.rollout.engine,
+                       seed=cfg.run.seed + 1000 * index, name=f"rollout-worker-{index}",
+                       num_cpus=cfg.rollout.worker_num_cpus)
+        self.workers.append(worker)
+        await self.form_weight_group()
+        await self.sync_weights()
+        self.rollout.add_worker(worker)
+        return worker
 
     async def save_final(self) -> Path:
         final = self.ctx.run_dir / "final_model"

@@ -132,6 +132,11 @@ class RolloutManager:
         """APRIL: interrupt every in-flight request; partials come back through `_request`."""
         await asyncio.gather(*(w.abort(None) for w in self._workers.values()))
 
+    def add_worker(self, worker: Any) -> None:
+        self._workers[worker.name] = worker
+        self._load[worker.name] = 0
+        self._wake.set()
+
     def remove_worker(self, name: str) -> None:
         self._workers.pop(name, None)
         self._load.pop(name, None)

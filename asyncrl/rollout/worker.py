@@ -1,17 +1,19 @@
 """RolloutWorker: the body of one rollout actor, holding one engine.
 
 A plain class with async methods; `asyncrl.cluster` makes it a Ray actor. It decodes response
-text (so rewards never need the tokenizer) and loads weights it is handed.
+text (so rewards never need the tokenizer) and receives weights from the trainer's broadcast.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterable
 
 import torch
 from transformers import AutoTokenizer
 
 from asyncrl.rollout.engine import build_engine
+from asyncrl.sync.broadcast import WeightBroadcast
 from asyncrl.types import Sample, SamplingParams
 
 
@@ -20,6 +22,7 @@ class RolloutWorker:
         torch.set_num_threads(num_threads)
         self._tokenizer = AutoTokenizer.from_pretrained(model_path)
         self._engine = build_engine(engine, model_path, seed=seed)
+        self._broadcast: WeightBroadcast | None = None
 
     async def generate(self, samples: list[Sample], params: SamplingParams) -> list[Sample]:
         out = await self._engine.generate(samples, params)
@@ -30,14 +33,23 @@ class RolloutWorker:
     async def abort(self, sample_ids: Iterable[str] | None = None) -> None:
         await self._engine.abort(sample_ids)
 
-    async def update_weights(
-        self, named_tensors: dict[str, torch.Tensor], policy_version: int
-    ) -> int:
-        await self._engine.update_weights(named_tensors.items(), policy_version)
+    async def join_weight_group(self, group: dict) -> None:
+        """Join (or re-join, when membership changed) the trainer's broadcast group."""
+        if self._broadcast is not None:
+            self._broadcast.close()
+        self._broadcast = await asyncio.to_thread(WeightBroadcast, **group)
+
+    async def receive_weights(self) -> int:
+        """Receive the next broadcast off the event loop (decoding goes on meanwhile), then
+        load it between decoding steps."""
+        named, version = await asyncio.to_thread(self._broadcast.receive)
+        await self._engine.update_weights(named, version)
         return self._engine.policy_version
 
     async def policy_version(self) -> int:
         return self._engine.policy_version
 
     async def close(self) -> None:
+        if self._broadcast is not None:
+            self._broadcast.close()
         await self._engine.close()

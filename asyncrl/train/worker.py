@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from asyncrl.config.job import JobConfig
+from asyncrl.sync.broadcast import WeightBroadcast
 from asyncrl.types import TrainBatch
 
 
@@ -17,6 +18,7 @@ class TrainerWorker:
             raise ValueError(f"trainer.backend: unknown backend {config.trainer.backend!r}")
         from asyncrl.train.torch_backend import TorchBackend
 
+        self._broadcast: WeightBroadcast | None = None
         self._backend = TorchBackend(
             model_path, config.algorithm, config.trainer,
             temperature=config.rollout.temperature,
@@ -29,8 +31,15 @@ class TrainerWorker:
     def logprobs(self, batch: TrainBatch) -> torch.Tensor:
         return self._backend.logprobs(batch)
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {name: t.cpu().clone() for name, t in self._backend.named_weights()}
+    def open_weight_group(self, group: dict) -> None:
+        """Host rank 0 of a broadcast group; returns once every worker has joined."""
+        if self._broadcast is not None:
+            self._broadcast.close()
+        self._broadcast = WeightBroadcast(rank=0, **group)
+
+    def broadcast_weights(self) -> dict[str, float]:
+        stats = self._broadcast.send(self._backend.named_weights(), self._backend.policy_version)
+        return {"sync/bytes": float(stats.bytes), "sync/send_s": stats.seconds}
 
     def policy_version(self) -> int:
         return self._backend.policy_version
