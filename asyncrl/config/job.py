@@ -174,6 +174,8 @@ class RunConfig(Section):
     """Evaluate held-out accuracy every this many steps (and at the start and the end)."""
     num_cpus: int | None = Field(None, ge=1)
     """CPUs for the embedded Ray cluster (None: all of this machine's)."""
+    checkpoint_every: int = Field(0, ge=0)
+    """Save a whole-job checkpoint every this many steps into run_dir/checkpoint (0: never)."""
     batch_timeout_s: float = Field(600.0, gt=0)
     """Longest the trainer waits for one batch before the run fails with a clear error."""
 

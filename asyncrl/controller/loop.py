@@ -20,98 +20,139 @@ going while the trainer trains and the trainer takes a batch as soon as one is r
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
+from pathlib import Path
 
 from asyncrl.controller.pools import Pools, batch_stats
 from asyncrl.controller.run import JobContext, RunResult
 from asyncrl.errors import AsyncrlError
 from asyncrl.metrics.report import StepProgress
-from asyncrl.types import TrainBatch
+from asyncrl.types import Group, TrainBatch
 
 log = logging.getLogger(__name__)
 
+CHECKPOINT_DIR = "checkpoint"
 
-async def run_loop(ctx: JobContext, *, progress: bool = True) -> RunResult:
+
+class Controller:
+    """Drives the pools: evaluation, the producer task, training steps, checkpoints."""
+
+    def __init__(self, pools: Pools) -> None:
+        self.pools, self.ctx = pools, pools.ctx
+        self.producer: asyncio.Task | None = None
+
+    def start_producer(self) -> None:
+        self.producer = asyncio.create_task(self.pools.rollout.run())
+
+    async def stop_producer(self) -> None:
+        if self.producer is not None:
+            self.producer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.producer
+            self.producer = None
+
+    async def step(self) -> tuple[dict[str, float], list[Group]]:
+        """Take one batch, train it, sync the weights; returns metrics and the trained groups."""
+        pools, cfg = self.pools, self.ctx.config
+        t0 = time.perf_counter()
+        tokens_before = pools.rollout.generated_tokens
+        version = pools.trainer_version
+        groups = await self._next_batch(version)
+        t1 = time.perf_counter()
+        if cfg.rollout.partial:
+            await pools.rollout.abort_in_flight()
+        for group in groups:
+            pools.prompts.pop(group.prompt.prompt_id, None)
+        batch = TrainBatch.from_groups(groups, self.ctx.tokenizer.pad_token_id)
+        train_metrics = await pools.train(batch)
+        t2 = time.perf_counter()
+        sync_stats = await pools.sync_weights()
+        await pools.data.release_batch(len(groups))
+        t3 = time.perf_counter()
+        data_stats = await pools.data.stats()
+        record = {
+            "policy_version": pools.trainer_version,
+            **batch_stats(groups, version),
+            **train_metrics,
+            **sync_stats,
+            **{f"data/{k}": float(v) for k, v in data_stats.items()},
+            "time/wait_batch_s": t1 - t0,
+            "time/train_s": t2 - t1,
+            "time/sync_s": t3 - t2,
+            "perf/tokens_per_s": (pools.rollout.generated_tokens - tokens_before) / (t3 - t0),
+        }
+        return record, groups
+
+    async def _next_batch(self, version: int) -> list[Group]:
+        cfg = self.ctx.config
+        batch = asyncio.create_task(self.pools.data.get_batch(
+            cfg.rollout.prompts_per_step, version, cfg.run.batch_timeout_s))
+        done, _ = await asyncio.wait([batch, self.producer], return_when=asyncio.FIRST_COMPLETED)
+        if self.producer in done:  # the producer never ends on its own: surface its error
+            batch.cancel()
+            self.producer.result()
+            raise AsyncrlError("the rollout producer stopped unexpectedly")
+        try:
+            return batch.result()
+        except TimeoutError:
+            raise AsyncrlError(
+                f"no batch of {cfg.rollout.prompts_per_step} groups within run.batch_timeout_s="
+                f"{cfg.run.batch_timeout_s}s at policy version {version}: rollouts are too "
+                "slow or every group is dropped (see the data/* counters in metrics.jsonl); "
+                "raise run.batch_timeout_s or check the reward"
+            ) from None
+
+    async def checkpoint(self) -> Path:
+        """Pause admission, save the whole job, resume admission."""
+        await self.stop_producer()
+        path = await self.pools.checkpoint(self.ctx.run_dir / CHECKPOINT_DIR)
+        self.start_producer()
+        return path
+
+
+async def run_loop(
+    ctx: JobContext, *, progress: bool = True, resume_from: Path | None = None
+) -> RunResult:
     cfg = ctx.config
     result = RunResult(run_dir=ctx.run_dir)
     pools = await Pools.start(ctx)
-    producer = None
+    controller = Controller(pools)
     try:
+        if resume_from is not None:
+            await pools.restore(resume_from)
+        start = pools.trainer_version // cfg.trainer.minibatches
         accuracy = await pools.evaluate()
-        result.evals.append((0, accuracy))
-        ctx.metrics.write({"step": 0, "policy_version": 0, "eval/accuracy": accuracy})
-        producer = asyncio.create_task(pools.rollout.run())
+        result.evals.append((pools.trainer_version, accuracy))
+        ctx.metrics.write({"step": start, "policy_version": pools.trainer_version,
+                           "eval/accuracy": accuracy})
+        controller.start_producer()
         last = time.perf_counter()
         with StepProgress(cfg.run.steps, f"train ({cfg.mode})") as bar:
-            for step in range(1, cfg.run.steps + 1):
-                record = await _one_step(pools, ctx, producer)
+            for step in range(start + 1, cfg.run.steps + 1):
+                record, _ = await controller.step()
                 if step % cfg.run.eval_every == 0 or step == cfg.run.steps:
                     t0 = time.perf_counter()
                     accuracy = await pools.evaluate()
                     result.evals.append((record["policy_version"], accuracy))
                     record |= {"eval/accuracy": accuracy, "time/eval_s": time.perf_counter() - t0}
+                if cfg.run.checkpoint_every and step % cfg.run.checkpoint_every == 0:
+                    await controller.checkpoint()
                 now = time.perf_counter()
-                tokens = pools.rollout.generated_tokens
                 record |= {"step": step, "time/step_s": now - last,
-                           "rollout/generated_tokens": tokens}
+                           "rollout/generated_tokens": pools.rollout.generated_tokens}
                 last = now
                 ctx.metrics.write(record)
                 if progress:
                     bar.update(step, reward=record["reward/mean"], acc=accuracy,
                                tok_s=record["perf/tokens_per_s"])
-        producer.cancel()
+        await controller.stop_producer()
         await pools.rollout.abort_in_flight()
         await pools.rollout.drain()
         result.final_model = await pools.save_final()
         result.ledger = await pools.data.stats()
     finally:
-        if producer is not None:
-            producer.cancel()
+        await controller.stop_producer()
         pools.close()
     return result
-
-
-async def _one_step(pools: Pools, ctx: JobContext, producer: asyncio.Task) -> dict[str, float]:
-    cfg = ctx.config
-    t0 = time.perf_counter()
-    tokens_before = pools.rollout.generated_tokens
-    version = pools.trainer_version
-    batch_task = asyncio.create_task(pools.data.get_batch(
-        cfg.rollout.prompts_per_step, version, cfg.run.batch_timeout_s))
-    done, _ = await asyncio.wait([batch_task, producer], return_when=asyncio.FIRST_COMPLETED)
-    if producer in done:  # the producer must never end; surface its error
-        batch_task.cancel()
-        producer.result()
-        raise AsyncrlError("the rollout producer stopped unexpectedly")
-    try:
-        groups = batch_task.result()
-    except TimeoutError:
-        raise AsyncrlError(
-            f"no batch of {cfg.rollout.prompts_per_step} groups within run.batch_timeout_s="
-            f"{cfg.run.batch_timeout_s}s at policy version {version}: rollouts are too slow "
-            "or every group is being dropped (see metrics.jsonl data/* counters); raise "
-            "run.batch_timeout_s or check the reward"
-        ) from None
-    t1 = time.perf_counter()
-    if cfg.rollout.partial:
-        await pools.rollout.abort_in_flight()
-    batch = TrainBatch.from_groups(groups, ctx.tokenizer.pad_token_id)
-    train_metrics = await pools.train(batch)
-    t2 = time.perf_counter()
-    sync_stats = await pools.sync_weights()
-    await pools.data.release_batch(len(groups))
-    t3 = time.perf_counter()
-    generated = pools.rollout.generated_tokens - tokens_before
-    data_stats = await pools.data.stats()
-    return {
-        "policy_version": pools.trainer_version,
-        **sync_stats,
-        **batch_stats(groups, version),
-        **train_metrics,
-        **{f"data/{k}": float(v) for k, v in data_stats.items()},
-        "time/wait_batch_s": t1 - t0,
-        "time/train_s": t2 - t1,
-        "time/sync_s": t3 - t2,
-        "perf/tokens_per_s": generated / max(t3 - t0, 1e-9),
-    }

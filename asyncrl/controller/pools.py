@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from asyncrl.algo.staleness import staleness
 from asyncrl.cluster.actors import ActorRef, kill_all, node_ip, run_in_actor, spawn
+from asyncrl.controller.checkpoint import TRAINER_DIR, read_state, write_checkpoint
 from asyncrl.controller.run import JobContext
 from asyncrl.data.manager import DataManager
 from asyncrl.rollout.manager import RolloutManager
@@ -39,6 +40,7 @@ class Pools:
     trainer: ActorRef
     data: ActorRef
     rollout: RolloutManager
+    prompts: dict[str, Prompt] = field(default_factory=dict)  # in play, for rewards
     trainer_version: int = 0
     _groups_formed: int = 0
 
@@ -48,14 +50,15 @@ class Pools:
         model_path = str(ctx.model_path)
         workers = [
             spawn(RolloutWorker, model_path, r.engine, seed=cfg.run.seed + 1000 * i,
-                  name=f"rollout-worker-{i}", num_cpus=r.worker_num_cpus)
+                  name=f"{cfg.run.name}/rollout-worker-{i}", num_cpus=r.worker_num_cpus)
             for i in range(r.num_workers)
         ]
-        trainer = spawn(TrainerWorker, model_path, cfg, name="trainer-rank-0",
+        trainer = spawn(TrainerWorker, model_path, cfg, name=f"{cfg.run.name}/trainer-rank-0",
                         num_cpus=cfg.trainer.num_cpus)
         data = spawn(DataManager, group_size=r.n_samples, max_staleness=cfg.max_staleness,
-                     drop_all_equal=cfg.data.drop_all_equal, name="data-manager", num_cpus=0)
-        prompts: dict[str, Prompt] = {}  # prompt_id → Prompt, for the reward (answer, metadata)
+                     drop_all_equal=cfg.data.drop_all_equal, name=f"{cfg.run.name}/data-manager",
+                     num_cpus=0)
+        prompts: dict[str, Prompt] = {}
 
         def next_prompt() -> Prompt:
             prompt = ctx.train_prompts.next()
@@ -75,7 +78,8 @@ class Pools:
             max_staleness=cfg.max_staleness, batch_groups=r.prompts_per_step,
             versions_per_batch=cfg.trainer.minibatches, oversample=r.oversample,
         )
-        pools = cls(ctx=ctx, workers=workers, trainer=trainer, data=data, rollout=rollout)
+        pools = cls(ctx=ctx, workers=workers, trainer=trainer, data=data, rollout=rollout,
+                    prompts=prompts)
         await pools.form_weight_group()
         return pools
 
@@ -129,13 +133,40 @@ class Pools:
         cfg = self.ctx.config
         index = len(self.workers)
         worker = spawn(RolloutWorker, str(self.ctx.model_path), cfg.rollout.engine,
-                       seed=cfg.run.seed + 1000 * index, name=f"rollout-worker-{index}",
+                       seed=cfg.run.seed + 1000 * index,
+                       name=f"{cfg.run.name}/rollout-worker-{index}",
                        num_cpus=cfg.rollout.worker_num_cpus)
         self.workers.append(worker)
         await self.form_weight_group()
         await self.sync_weights()
         self.rollout.add_worker(worker)
         return worker
+
+    async def checkpoint(self, path: Path) -> Path:
+        """Save the whole job (call with the producer stopped)."""
+        state = {
+            "data": await self.data.state_dict(),
+            "prompt_cursor": self.ctx.train_prompts.state_dict(),
+            "prompts": self.prompts,
+            "trainer_version": self.trainer_version,
+        }
+
+        async def save_trainer(directory: Path) -> None:
+            await self.trainer.save(str(directory))
+
+        return await write_checkpoint(path, save_trainer=save_trainer, state=state)
+
+    async def restore(self, path: Path) -> None:
+        """Load a checkpoint into freshly started pools; workers get the restored weights."""
+        state = read_state(path)
+        await self.trainer.load(str(path / TRAINER_DIR))
+        await self.data.load_state_dict(state["data"])
+        self.ctx.train_prompts.load_state_dict(state["prompt_cursor"])
+        self.prompts.update(state["prompts"])
+        self.trainer_version = state["trainer_version"]
+        assert await self.trainer.policy_version() == self.trainer_version
+        self.rollout.set_trainer_version(self.trainer_version)
+        await self.sync_weights()
 
     async def save_final(self) -> Path:
         final = self.ctx.run_dir / "final_model"

@@ -89,8 +89,14 @@ def prepare(config: JobConfig, on_warm_start_step=None) -> JobContext:
     )
 
 
-def run(config: JobConfig, *, address: str | None = None, progress: bool = True) -> RunResult:
-    """The Python API behind `asyncrl train`."""
+def run(
+    config: JobConfig,
+    *,
+    address: str | None = None,
+    progress: bool = True,
+    resume_from: Path | None = None,
+) -> RunResult:
+    """The Python API behind `asyncrl train`; `resume_from` is a checkpoint directory."""
     from asyncrl.cluster.launcher import init_ray, shutdown_ray
     from asyncrl.controller.loop import run_loop
 
@@ -99,7 +105,7 @@ def run(config: JobConfig, *, address: str | None = None, progress: bool = True)
         address=address, num_cpus=config.run.num_cpus, namespace=f"asyncrl-{config.run.name}"
     )
     try:
-        return asyncio.run(run_loop(ctx, progress=progress))
+        return asyncio.run(run_loop(ctx, progress=progress, resume_from=resume_from))
     finally:
         ctx.metrics.close()
         shutdown_ray(started)

@@ -46,6 +46,9 @@ class RolloutWorker:
         await self._engine.update_weights(named, version)
         return self._engine.policy_version
 
+    async def engine_weights(self) -> dict[str, torch.Tensor]:
+        return self._engine.state_dict()
+
     async def policy_version(self) -> int:
         return self._engine.policy_version
 

@@ -41,8 +41,14 @@ class TrainerWorker:
         stats = self._broadcast.send(self._backend.named_weights(), self._backend.policy_version)
         return {"sync/bytes": float(stats.bytes), "sync/send_s": stats.seconds}
 
+    def weights(self) -> dict[str, torch.Tensor]:
+        return {name: t.detach().cpu().clone() for name, t in self._backend.named_weights()}
+
     def policy_version(self) -> int:
         return self._backend.policy_version
 
     def save(self, path: str) -> None:
         self._backend.save(Path(path))
+
+    def load(self, path: str) -> None:
+        self._backend.load(Path(path))

@@ -69,7 +69,7 @@ def test_every_receiver_gets_bit_identical_weights_and_the_version_across_sends(
             t.numel() * t.element_size() for t in first.values())
         sender.send(second.items(), policy_version=6)
         got = [queue.get(timeout=30) for _ in range(4)]
-        for rank, version, named in got:
+        for _, version, named in got:
             _assert_same(named, first if version == 5 else second)
         assert sorted((r, v) for r, v, _ in got) == [(1, 5), (1, 6), (2, 5), (2, 6)]
         sender.close()

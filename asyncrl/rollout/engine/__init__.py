@@ -42,6 +42,10 @@ class RolloutEngine(Protocol):
         """Load new weights (HF names) between decoding steps; later tokens carry the version."""
         ...
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The weights the engine generates with, under HF names (checks and debugging)."""
+        ...
+
     async def close(self) -> None: ...
 
 

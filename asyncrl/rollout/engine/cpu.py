@@ -124,6 +124,10 @@ class CpuEngine:
         self._version = policy_version
         self._stale_cache = bool(self._rows)
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The weights the engine decodes with (to check a sync bit for bit)."""
+        return {name: t.detach().cpu().clone() for name, t in self.model.state_dict().items()}
+
     async def close(self) -> None:
         if self._loop_task is not None:
             self._loop_task.cancel()
