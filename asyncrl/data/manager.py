@@ -2,7 +2,7 @@
 
     RolloutManager ──put(samples)──► DataManager ──get_batch(n, version)──► trainer loop
           ▲                              │
-          └──── take_partials / take_requeued (resumed first) ◄──┘
+          └── poll: partials, re-queued prompts, free slots ◄──┘
 
 Backpressure: the DataManager never blocks producers; the RolloutManager's staleness gate reads
 `active_groups` and admits no more work than η allows. `get_batch` waits (up to a timeout) until
@@ -23,9 +23,23 @@ class DataManager:
             group_size=group_size, max_staleness=max_staleness, drop_all_equal=drop_all_equal
         )
         self._changed = asyncio.Condition()
+        self._epoch = 0  # bumped on every change, so a waiter never misses one (see wait_changed)
 
-    async def start_group(self, prompt: Prompt, samples: list[Sample]) -> None:
-        self._buffer.start_group(prompt, samples)
+    async def poll(
+        self, trainer_version: int, capacity: int
+    ) -> tuple[list[list[Sample]], list[Prompt], int, int]:
+        """One round trip for the producer: partials to resume (all of them), re-queued prompts
+        and the number of fresh groups that fit under `capacity`, and the change epoch."""
+        partials = self._buffer.take_partials(trainer_version)
+        free = capacity - self._buffer.active_groups
+        requeued = []
+        while len(requeued) < free and (prompt := self._buffer.take_requeued()) is not None:
+            requeued.append(prompt)
+        return partials, requeued, max(free - len(requeued), 0), self._epoch
+
+    async def start_groups(self, groups: list[tuple[Prompt, list[Sample]]]) -> None:
+        for prompt, samples in groups:
+            self._buffer.start_group(prompt, samples)
 
     async def put(self, samples: list[Sample]) -> None:
         self._buffer.add(samples)
@@ -34,12 +48,6 @@ class DataManager:
     async def requeue_lost(self, samples: list[Sample]) -> None:
         self._buffer.requeue_lost(samples)
         await self._notify()
-
-    async def take_partials(self, trainer_version: int) -> list[list[Sample]]:
-        return self._buffer.take_partials(trainer_version)
-
-    async def take_requeued(self) -> Prompt | None:
-        return self._buffer.take_requeued()
 
     async def get_batch(
         self, n_groups: int, trainer_version: int, timeout_s: float | None = None
@@ -60,11 +68,14 @@ class DataManager:
 
     async def _notify(self) -> None:
         async with self._changed:
+            self._epoch += 1
             self._changed.notify_all()
 
-    async def wait_changed(self) -> None:
+    async def wait_changed(self, since_epoch: int) -> int:
+        """Return once anything changed after `since_epoch` (at once if it already has)."""
         async with self._changed:
-            await self._changed.wait()
+            await self._changed.wait_for(lambda: self._epoch > since_epoch)
+            return self._epoch
 
     async def stats(self) -> dict[str, int]:
         b = self._buffer

@@ -84,25 +84,28 @@ class RolloutManager:
     async def run(self) -> None:
         """Admit and dispatch forever (cancel the task to stop)."""
         while True:
-            for samples in await self._data.take_partials(self.trainer_version):
+            partials, requeued, free, epoch = await self._data.poll(
+                self.trainer_version, self.capacity() if self._workers else 0)
+            for samples in partials:
                 self._dispatch(samples)
-            active = (await self._data.stats())["active_groups"]
-            if active < self.capacity() and self._workers:
-                prompt = await self._data.take_requeued() or self._next_prompt()
-                samples = self._new_samples(prompt)
-                await self._data.start_group(prompt, samples)
-                self._dispatch(samples)
-                continue
-            await self._wait_for_change()
+            prompts = requeued + [self._next_prompt() for _ in range(free)]
+            groups = [(p, self._new_samples(p)) for p in prompts]
+            if groups:
+                await self._data.start_groups(groups)
+                for _, samples in groups:
+                    self._dispatch(samples)
+            if not (partials or groups):
+                await self._wait_for_change(epoch)
 
-    async def _wait_for_change(self) -> None:
-        """Sleep until the buffer changes (samples back, slots freed) or the version moves."""
-        self._wake.clear()
-        waiters = [asyncio.create_task(self._data.wait_changed()),
+    async def _wait_for_change(self, epoch: int) -> None:
+        """Sleep until the buffer changed after `epoch`, the trainer version moved or a worker
+        was added (those set `_wake`, which stays set until this wait consumes it)."""
+        waiters = [asyncio.create_task(self._data.wait_changed(epoch)),
                    asyncio.create_task(self._wake.wait())]
         await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
         for waiter in waiters:
             waiter.cancel()
+        self._wake.clear()
 
     def _dispatch(self, samples: list[Sample]) -> None:
         name = min(self._load, key=self._load.get)
