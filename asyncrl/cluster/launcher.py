@@ -10,17 +10,23 @@ import ray
 log = logging.getLogger(__name__)
 
 
+# Actors load HF models; their per-load progress bars would flood the driver's console.
+ACTOR_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
 def init_ray(*, address: str | None, num_cpus: int | None, namespace: str) -> bool:
     """Returns True if this call started (and so must later stop) the Ray runtime."""
     if ray.is_initialized():
         return False
     address = address or os.environ.get("RAY_ADDRESS")
+    runtime_env = {"env_vars": ACTOR_ENV}
     if address:
-        ray.init(address=address, namespace=namespace, log_to_driver=True)
+        ray.init(address=address, namespace=namespace, log_to_driver=True,
+                 runtime_env=runtime_env)
         log.info("connected to Ray cluster at %s", address)
     else:
         ray.init(num_cpus=num_cpus, namespace=namespace, include_dashboard=False,
-                 log_to_driver=True, logging_level=logging.WARNING)
+                 log_to_driver=True, logging_level=logging.WARNING, runtime_env=runtime_env)
         log.info("started embedded Ray (%s CPUs)", ray.cluster_resources().get("CPU"))
     return True
 

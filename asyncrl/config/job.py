@@ -44,7 +44,7 @@ class TinyModelConfig(Section):
 
 
 class WarmStartConfig(Section):
-    steps: int = Field(60, ge=0)
+    steps: int = Field(35, ge=0)
     """Supervised steps on the task before RL (built-in tiny model only); 0 skips it."""
     batch_size: int = Field(64, ge=1)
     """Examples per supervised step."""
@@ -138,7 +138,7 @@ class TrainerConfig(Section):
     """Torch device of the trainer ('cpu', 'cuda')."""
     num_cpus: float = Field(1.0, gt=0)
     """CPUs Ray reserves for the trainer actor."""
-    lr: float = Field(5e-4, gt=0)
+    lr: float = Field(2e-4, gt=0)
     """AdamW learning rate."""
     betas: tuple[float, float] = (0.9, 0.99)
     """AdamW betas."""
@@ -168,9 +168,9 @@ class RunConfig(Section):
     """Directory that holds run directories."""
     seed: int = 0
     """Seed for data, model init, sampling."""
-    steps: int = Field(150, ge=1)
+    steps: int = Field(300, ge=1)
     """Training batches to run."""
-    eval_every: int = Field(25, ge=1)
+    eval_every: int = Field(50, ge=1)
     """Evaluate held-out accuracy every this many steps (and at the start and the end)."""
     num_cpus: int | None = Field(None, ge=1)
     """CPUs for the embedded Ray cluster (None: all of this machine's)."""
@@ -183,8 +183,9 @@ class RunConfig(Section):
 class JobConfig(Section):
     mode: Literal["sync", "async"] = "sync"
     """'sync': generate → reward → train → update, on-policy. 'async': rollouts overlap training."""
-    max_staleness: int = Field(0, ge=0)
-    """η: no trained sample has a token more than η policy versions older than the trainer."""
+    max_staleness: int | None = Field(None, ge=0)
+    """η: no trained sample has a token more than η policy versions older than the trainer.
+    Unset: 0 in sync mode, 1 in async mode."""
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     rollout: RolloutConfig = RolloutConfig()
@@ -196,6 +197,8 @@ class JobConfig(Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> JobConfig:
+        if self.max_staleness is None:
+            self.max_staleness = 0 if self.mode == "sync" else 1
         if self.mode == "sync" and self.max_staleness != 0:
             raise ValueError(
                 f"mode 'sync' is on-policy, so max_staleness must be 0 (got {self.max_staleness}):"

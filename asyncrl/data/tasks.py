@@ -43,7 +43,7 @@ class SortDigits:
 
     name = "sort_digits"
 
-    def __init__(self, min_len: int = 3, max_len: int = 8) -> None:
+    def __init__(self, min_len: int = 3, max_len: int = 6) -> None:
         _check_lengths(min_len, max_len)
         self.min_len, self.max_len = min_len, max_len
 

@@ -1,20 +1,28 @@
-"""WeightBroadcast: trainer rank 0 sends its weights to rollout workers (ranks 1..N).
+"""WeightBroadcast: the trainer (rank 0) sends its weights to rollout workers (ranks 1..N).
 
-Protocol, over one TCPStore (hosted by rank 0) and one process group:
-- Each send has a sequence number s. Rank 0 writes `send/s` = (metadata generation, policy
-  version) to the store, then broadcasts the buckets. Receivers read `send/s` (waiting for it),
-  so every rank must call send/receive the same number of times, in the same order.
-- The metadata table (names, shapes, dtypes → bucket plan) is written once per generation under
-  `meta/g`, and again only when it changes; receivers fetch it only on a new generation.
-- Tensors travel in flat buckets of `bucket_bytes`, one collective each; buffers are allocated
-  once per generation and reused.
+Protocol, over one TCPStore (hosted by rank 0) and one process group, per send number s:
+1. Metadata once. The table of names, shapes and dtypes, with its bucket plan, is pickled under
+   `meta/<g>` for a generation g, and again (g + 1) only when names, shapes or dtypes change.
+2. Version stamp. Rank 0 writes `send/<s>` = (g, policy_version). A receiver waits for that key,
+   fetches `meta/<g>` only when g is new to it, and (re)allocates its bucket buffers then.
+3. Buckets. Each flat bucket is one `broadcast` from rank 0, in plan order. All are issued before
+   any is waited on, so gloo streams them back to back; the sender packs the next bucket while
+   the previous one is on the wire (two staging buffers), and a bucket that is one contiguous
+   tensor goes out with no copy at all. Receivers keep one buffer per bucket across sends and
+   return views into it: no unpack copy.
+So every rank must call `send` / `receive` the same number of times, in the same order.
 
-The group is a side channel: it never touches torch.distributed's default group, which a vLLM
-worker (or a trainer's own data-parallel setup) already owns. Its world size is fixed, so a
-worker that joins later gets a new group (new port and name) formed with every current member;
-the first send on it hands the newcomer the current weights before its first request.
+Why a side-channel group: a vLLM worker (and a trainer's own data-parallel setup) already owns
+torch.distributed's default group, so this one is built from its own TCPStore + PrefixStore and
+a `ProcessGroupGloo` / `ProcessGroupNCCL` object, and never calls `init_process_group`.
 
-Every wait is bounded by `timeout_s`; a timeout raises WeightSyncTimeout naming the group.
+Late joiners: a group's world size is fixed. When a worker joins a running job the controller
+forms a NEW group (new port and `group_name`) of the trainer and every current worker, closing
+the old one; the first send on it hands the newcomer the current weights before its first
+request. Successive groups in the same processes are independent.
+
+Every store wait and collective is bounded by `timeout_s`; running past it (or losing a peer)
+raises `WeightSyncTimeout` naming the rank, the world size, the group and the knob to raise.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Literal
 
 import torch
 import torch.distributed as dist
@@ -35,17 +44,26 @@ from asyncrl.sync.buckets import Bucket, TensorMeta, pack, plan_buckets, unpack
 
 
 class WeightSyncTimeout(AsyncrlError):
-    """A weight sync waited longer than its timeout (a peer died or never joined)."""
+    """A weight sync step waited longer than `timeout_s` (a peer died, hung or never joined)."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class SendStats:
     bytes: int
+    """Payload bytes broadcast (the sum of the tensors' sizes)."""
     seconds: float
+    """Wall time of the whole send, metadata and packing included."""
     buckets: int
+    """Number of collectives (flat buckets) used."""
 
 
 class WeightBroadcast:
+    """One member of a weight-sync group: rank 0 sends, ranks 1..world_size-1 receive.
+
+    Construction blocks until every rank of the group has constructed its member (bounded by
+    `timeout_s`). Not thread-safe: one send or receive at a time per member.
+    """
+
     def __init__(
         self,
         *,
@@ -53,94 +71,165 @@ class WeightBroadcast:
         world_size: int,
         host: str,
         port: int,
-        backend: str = "auto",
-        device: str = "cpu",
+        backend: Literal["gloo", "nccl", "auto"] = "auto",
+        device: str | torch.device = "cpu",
         bucket_bytes: int = 64 << 20,
         timeout_s: float = 120.0,
         group_name: str = "weights",
     ) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, {world_size}) (got {rank})")
+        if bucket_bytes <= 0:
+            raise ValueError(f"bucket_bytes must be positive (got {bucket_bytes})")
         self.rank, self.world_size, self.group_name = rank, world_size, group_name
         self._device = torch.device(device)
-        self._bucket_bytes, self._timeout_s = bucket_bytes, timeout_s
         if backend == "auto":
             backend = "nccl" if self._device.type == "cuda" else "gloo"
-        timeout = timedelta(seconds=timeout_s)
+        if backend not in ("gloo", "nccl"):
+            raise ValueError(f"unknown weight sync backend {backend!r}: use gloo, nccl or auto")
+        self.backend = backend
+        self._bucket_bytes, self._timeout_s = bucket_bytes, timeout_s
+        self._timeout = timedelta(seconds=timeout_s)
         with self._bounded("joining the group"):
             self._store = dist.TCPStore(host, port, world_size, is_master=rank == 0,
-                                        timeout=timeout)
-            prefixed = dist.PrefixStore(group_name, self._store)
-            if backend == "gloo":
-                self._pg = dist.ProcessGroupGloo(prefixed, rank, world_size, timeout)
-            elif backend == "nccl":
-                self._pg = dist.ProcessGroupNCCL(prefixed, rank, world_size)
-            else:
-                raise ValueError(f"unknown weight sync backend {backend!r}; use gloo or nccl")
-        self._seq = 0
+                                        timeout=self._timeout)
+            self._pg = self._new_group(dist.PrefixStore(f"{group_name}/pg", self._store))
+        self._seq = 0  # sends so far; the same on every rank
         self._generation = 0
         self._metas: list[TensorMeta] = []
         self._plan: list[Bucket] = []
-        self._buffers: list[torch.Tensor] = []
+        self._buffers: list[torch.Tensor] = []  # receiver: one per bucket; sender: two staging
+
+    def _new_group(self, store: dist.Store) -> dist.ProcessGroup:
+        if self.backend == "gloo":
+            return dist.ProcessGroupGloo(store, self.rank, self.world_size, self._timeout)
+        options = dist.ProcessGroupNCCL.Options()
+        options._timeout = self._timeout
+        return dist.ProcessGroupNCCL(store, self.rank, self.world_size, options)
 
     @staticmethod
     def free_port(host: str = "127.0.0.1") -> int:
+        """A port free on `host` now (the OS's pick); rank 0 binds it when the group forms."""
         with socket.socket() as sock:
             sock.bind((host, 0))
             return sock.getsockname()[1]
 
     @contextlib.contextmanager
     def _bounded(self, what: str) -> Iterator[None]:
+        # gloo reports a timeout or a dead peer as a bare RuntimeError, the store as DistError;
+        # only store and collective calls run inside this block, so nothing else is caught.
         try:
             yield
-        except (RuntimeError, dist.DistError) as exc:
+        except RuntimeError as exc:
             raise WeightSyncTimeout(
-                f"weight sync group {self.group_name!r} (rank {self.rank} of {self.world_size}) "
-                f"failed or timed out after {self._timeout_s}s while {what}: a peer died or "
-                f"never joined ({exc}). Raise sync.timeout_s if the model is large or peers slow"
+                f"weight sync group {self.group_name!r} (rank {self.rank} of world size "
+                f"{self.world_size}, {self.backend}) gave up while {what}: no progress within "
+                f"timeout_s={self._timeout_s}s, or a peer died ({str(exc).splitlines()[0]}). "
+                "Check that every rank calls send/receive equally often; raise sync.timeout_s "
+                "if the model is large or peers are slow"
             ) from exc
 
-    def _set_plan(self, metas: list[TensorMeta]) -> None:
-        self._metas, self._plan = metas, plan_buckets(metas, self._bucket_bytes)
-        self._buffers = [b.empty(self._device) for b in self._plan]
+    def _key(self, kind: str, n: int) -> str:
+        return f"{self.group_name}/{kind}/{n}"
 
     def send(
         self, named_tensors: Iterable[tuple[str, torch.Tensor]], policy_version: int
     ) -> SendStats:
-        """Rank 0: broadcast these tensors stamped with `policy_version`."""
-        assert self.rank == 0, "only rank 0 sends"
+        """Rank 0: broadcast these tensors, stamped with `policy_version`, to every receiver.
+
+        Args:
+            named_tensors: (name, tensor) pairs, on `device`; the order fixes the bucket plan.
+            policy_version: the version the receivers will report holding.
+
+        Raises:
+            WeightSyncTimeout: a receiver did not take part within `timeout_s`.
+        """
+        if self.rank != 0:
+            raise RuntimeError(f"rank {self.rank} of group {self.group_name!r} receives; "
+                               "only rank 0 sends")
         start = time.perf_counter()
-        tensors = dict(named_tensors)
+        tensors = {name: t.detach() for name, t in named_tensors}
         metas = [TensorMeta.of(name, t) for name, t in tensors.items()]
         self._seq += 1
+        if metas != self._metas:
+            self._generation += 1
+            self._set_plan(metas, staging=True)
+            with self._bounded("publishing the metadata table"):
+                self._store.set(self._key("meta", self._generation), pickle.dumps(self._plan))
+        with self._bounded("stamping the version"):
+            self._store.set(self._key("send", self._seq),
+                            pickle.dumps((self._generation, policy_version)))
+        works: list[dist.Work] = []
         with self._bounded("sending weights"):
-            if metas != self._metas:
-                self._generation += 1
-                self._set_plan(metas)
-                table = pickle.dumps((metas, self._bucket_bytes))
-                self._store.set(f"meta/{self._generation}", table)
-            self._store.set(f"send/{self._seq}", pickle.dumps((self._generation, policy_version)))
-            for bucket, buffer in zip(self._plan, self._buffers, strict=True):
-                pack(bucket, tensors, buffer)
-                self._pg.broadcast(buffer, 0).wait(timedelta(seconds=self._timeout_s))
-        nbytes = sum(b.numel() * b.element_size() for b in self._buffers)
+            for i, bucket in enumerate(self._plan):
+                flat = self._zero_copy(bucket, tensors)
+                if flat is None:
+                    if i >= 2 and len(works) >= 2:
+                        works[-2].wait(self._timeout)  # its staging buffer is reused now
+                    flat = pack(bucket, tensors, self._staging(i, bucket))
+                works.append(self._pg.broadcast(flat, 0))
+            for work in works:
+                work.wait(self._timeout)
+        nbytes = sum(b.nbytes for b in self._plan)
         return SendStats(nbytes, time.perf_counter() - start, len(self._plan))
 
     def receive(self) -> tuple[list[tuple[str, torch.Tensor]], int]:
-        """Ranks ≥ 1: the next send's tensors (views into reused buffers: copy them before the
-        next receive) and its policy version."""
-        assert self.rank > 0, "rank 0 sends"
+        """Ranks >= 1: wait for the next send and return its tensors and policy version.
+
+        Returns:
+            (name, tensor) pairs in the sender's order, and the policy version. The tensors are
+            views into buffers reused by the next `receive`: load or copy them before calling it.
+
+        Raises:
+            WeightSyncTimeout: no send arrived, or it did not complete, within `timeout_s`.
+        """
+        if self.rank == 0:
+            raise RuntimeError(f"rank 0 of group {self.group_name!r} sends; it cannot receive")
         self._seq += 1
-        with self._bounded("receiving weights"):
-            generation, version = pickle.loads(self._store.get(f"send/{self._seq}"))
+        with self._bounded(f"waiting for send #{self._seq}"):
+            generation, version = pickle.loads(self._store.get(self._key("send", self._seq)))
             if generation != self._generation:
-                metas, self._bucket_bytes = pickle.loads(self._store.get(f"meta/{generation}"))
+                plan = pickle.loads(self._store.get(self._key("meta", generation)))
                 self._generation = generation
-                self._set_plan(metas)
-            named: list[tuple[str, torch.Tensor]] = []
-            for bucket, buffer in zip(self._plan, self._buffers, strict=True):
-                self._pg.broadcast(buffer, 0).wait(timedelta(seconds=self._timeout_s))
-                named.extend(unpack(bucket, buffer))
+                self._set_plan([m for b in plan for m in b.metas], staging=False, plan=plan)
+        with self._bounded(f"receiving the buckets of send #{self._seq}"):
+            works = [self._pg.broadcast(buffer, 0) for buffer in self._buffers]
+            for work in works:
+                work.wait(self._timeout)
+        named: list[tuple[str, torch.Tensor]] = []
+        for bucket, buffer in zip(self._plan, self._buffers, strict=True):
+            named.extend(unpack(bucket, buffer))
         return named, version
 
     def close(self) -> None:
-        self._pg = None
-        self._store = None
+        """Release the group and (on rank 0) the store; the member cannot be used afterwards."""
+        pg, self._pg, self._store, self._buffers = self._pg, None, None, []
+        if pg is not None:
+            with contextlib.suppress(RuntimeError):  # a backend without shutdown support
+                pg.shutdown()
+
+    def _set_plan(
+        self, metas: list[TensorMeta], *, staging: bool, plan: list[Bucket] | None = None
+    ) -> None:
+        self._metas = metas
+        self._plan = plan if plan is not None else plan_buckets(metas, self._bucket_bytes)
+        if staging:  # two byte buffers, each as large as the largest bucket that needs packing
+            size = max((b.nbytes for b in self._plan if len(b.metas) > 1), default=0)
+            self._buffers = [torch.empty(size, dtype=torch.uint8, device=self._device)
+                             for _ in range(2)] if size else []
+        else:
+            self._buffers = [b.empty(self._device) for b in self._plan]
+
+    def _staging(self, index: int, bucket: Bucket) -> torch.Tensor:
+        if not self._buffers or bucket.nbytes > self._buffers[0].numel():
+            return bucket.empty(self._device)  # a lone non-contiguous tensor: rare, one-off
+        return self._buffers[index % 2][: bucket.nbytes].view(getattr(torch, bucket.dtype))
+
+    def _zero_copy(self, bucket: Bucket, tensors: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """The bucket's only tensor, flattened, when it can be broadcast in place."""
+        if len(bucket.metas) != 1:
+            return None
+        tensor = tensors[bucket.metas[0].name]
+        if tensor.is_contiguous() and tensor.device == self._device:
+            return tensor.view(-1)
+        return None

@@ -102,3 +102,15 @@ def test_cli_reports_config_errors_with_exit_code_2_and_no_traceback(override, e
     assert proc.returncode == 2, proc.stderr
     assert expected in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_staleness_defaults_follow_the_mode():
+    assert load_config(None, []).max_staleness == 0
+    assert load_config(None, ["mode=async"]).max_staleness == 1
+    assert load_config(None, ["mode=async", "max_staleness=3"]).max_staleness == 3
+
+
+def test_partial_rollouts_need_staleness_room():
+    message = _error(["rollout.partial=true"])
+    assert "rollout.partial" in message and "max_staleness >= 1" in message
+    assert load_config(None, ["mode=async", "rollout.partial=true", "rollout.oversample=2"])
