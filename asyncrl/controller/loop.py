@@ -82,6 +82,7 @@ class Controller:
             "time/train_s": t2 - t1,
             "time/sync_s": t3 - t2,
             "perf/tokens_per_s": (pools.rollout.generated_tokens - tokens_before) / (t3 - t0),
+            "rollout/in_flight": float(pools.rollout.in_flight),
         }
         return record, groups
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from transformers import AutoTokenizer
 
-from asyncrl.config import JobConfig, dump_resolved
+from asyncrl.config import RESOLVED_NAME, JobConfig, dump_resolved
 from asyncrl.data.datasets import ProceduralPrompts, eval_examples, to_prompt
 from asyncrl.data.tasks import TASKS
 from asyncrl.errors import ConfigError
@@ -68,7 +68,12 @@ def build_task(config: JobConfig) -> Any:
 def prepare(config: JobConfig, on_warm_start_step=None) -> JobContext:
     run_dir = Path(config.run.output_dir) / config.run.name
     if run_dir.exists():
-        shutil.rmtree(run_dir)  # a fresh run replaces an old one of the same name
+        if any(run_dir.iterdir()) and not (run_dir / RESOLVED_NAME).is_file():
+            raise ConfigError(
+                f"run.name: {str(run_dir)!r} exists and is not an asyncrl run directory; "
+                "choose another run.name or run.output_dir"
+            )
+        shutil.rmtree(run_dir)  # a fresh run replaces an earlier run of the same name
     dump_resolved(config, run_dir)
     task = build_task(config)
     reward = build_reward(config.reward.fn, task)

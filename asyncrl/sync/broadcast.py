@@ -83,6 +83,8 @@ class WeightBroadcast:
             raise ValueError(f"bucket_bytes must be positive (got {bucket_bytes})")
         self.rank, self.world_size, self.group_name = rank, world_size, group_name
         self._device = torch.device(device)
+        if self._device.type == "cuda" and self._device.index is None:
+            self._device = torch.device("cuda", torch.cuda.current_device())
         if backend == "auto":
             backend = "nccl" if self._device.type == "cuda" else "gloo"
         if backend not in ("gloo", "nccl"):
@@ -153,7 +155,8 @@ class WeightBroadcast:
         self._seq += 1
         if metas != self._metas:
             self._generation += 1
-            self._set_plan(metas, staging=True)
+            self._metas = metas
+            self._set_plan(plan_buckets(metas, self._bucket_bytes), staging=True)
             with self._bounded("publishing the metadata table"):
                 self._store.set(self._key("meta", self._generation), pickle.dumps(self._plan))
         with self._bounded("stamping the version"):
@@ -164,8 +167,8 @@ class WeightBroadcast:
             for i, bucket in enumerate(self._plan):
                 flat = self._zero_copy(bucket, tensors)
                 if flat is None:
-                    if i >= 2 and len(works) >= 2:
-                        works[-2].wait(self._timeout)  # its staging buffer is reused now
+                    if i >= 2:  # bucket i - 2 used this staging buffer: let it leave first
+                        works[i - 2].wait(self._timeout)
                     flat = pack(bucket, tensors, self._staging(i, bucket))
                 works.append(self._pg.broadcast(flat, 0))
             for work in works:
@@ -191,7 +194,7 @@ class WeightBroadcast:
             if generation != self._generation:
                 plan = pickle.loads(self._store.get(self._key("meta", generation)))
                 self._generation = generation
-                self._set_plan([m for b in plan for m in b.metas], staging=False, plan=plan)
+                self._set_plan(plan, staging=False)
         with self._bounded(f"receiving the buckets of send #{self._seq}"):
             works = [self._pg.broadcast(buffer, 0) for buffer in self._buffers]
             for work in works:
@@ -208,11 +211,8 @@ class WeightBroadcast:
             with contextlib.suppress(RuntimeError):  # a backend without shutdown support
                 pg.shutdown()
 
-    def _set_plan(
-        self, metas: list[TensorMeta], *, staging: bool, plan: list[Bucket] | None = None
-    ) -> None:
-        self._metas = metas
-        self._plan = plan if plan is not None else plan_buckets(metas, self._bucket_bytes)
+    def _set_plan(self, plan: list[Bucket], *, staging: bool) -> None:
+        self._plan = plan
         if staging:  # two byte buffers, each as large as the largest bucket that needs packing
             size = max((b.nbytes for b in self._plan if len(b.metas) > 1), default=0)
             self._buffers = [torch.empty(size, dtype=torch.uint8, device=self._device)

@@ -14,8 +14,6 @@ from asyncrl.types import TrainBatch
 class TrainerWorker:
     def __init__(self, model_path: str, config: JobConfig, *, num_threads: int = 1) -> None:
         torch.set_num_threads(num_threads)
-        if config.trainer.backend != "torch":  # the only backend so far; config rejects others
-            raise ValueError(f"trainer.backend: unknown backend {config.trainer.backend!r}")
         from asyncrl.train.torch_backend import TorchBackend
 
         self._broadcast: WeightBroadcast | None = None

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
 from asyncrl.config import RESOLVED_NAME, load_config
 from asyncrl.controller.run import run
+from asyncrl.metrics.report import read_metrics
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -18,7 +17,7 @@ def test_reduced_sync_run_raises_the_reward_and_writes_its_outputs(ray_local, tm
         "data.eval_size=100",
     ])
     result = run(config, progress=False)
-    rows = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(result.run_dir / "metrics.jsonl")
     rewards = [r["reward/mean"] for r in rows if "reward/mean" in r]
     assert len(rewards) == 80
     first, last = sum(rewards[:20]) / 20, sum(rewards[-20:]) / 20

@@ -114,3 +114,15 @@ def test_partial_rollouts_need_staleness_room():
     message = _error(["rollout.partial=true"])
     assert "rollout.partial" in message and "max_staleness >= 1" in message
     assert load_config(None, ["mode=async", "rollout.partial=true", "rollout.oversample=2"])
+
+
+def test_a_run_never_deletes_a_directory_that_is_not_a_run(tmp_path):
+    from asyncrl.controller.run import prepare
+
+    precious = tmp_path / "mine"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("keep me")
+    config = load_config(None, [f"run.output_dir={tmp_path}", "run.name=mine"])
+    with pytest.raises(ConfigError, match="not an asyncrl run directory"):
+        prepare(config)
+    assert (precious / "notes.txt").read_text() == "keep me"
