@@ -140,6 +140,12 @@ class TrainerConfig(Section):
     """CPUs Ray reserves for the trainer actor."""
     lr: float = Field(2e-4, gt=0)
     """AdamW learning rate."""
+    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    """Learning-rate decay over the run's optimizer steps (to lr × min_lr_ratio at the end)."""
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    """Final learning rate as a fraction of lr (linear and cosine schedules)."""
+    warmup_steps: int = Field(0, ge=0)
+    """Optimizer steps of linear warm-up from 0 to lr."""
     betas: tuple[float, float] = (0.9, 0.99)
     """AdamW betas."""
     weight_decay: float = Field(0.0, ge=0)

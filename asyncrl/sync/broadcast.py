@@ -101,6 +101,7 @@ class WeightBroadcast:
         self._metas: list[TensorMeta] = []
         self._plan: list[Bucket] = []
         self._buffers: list[torch.Tensor] = []  # receiver: one per bucket; sender: two staging
+        self._views: list[tuple[str, torch.Tensor]] = []  # receiver: (name, view into buffers)
 
     def _new_group(self, store: dist.Store) -> dist.ProcessGroup:
         if self.backend == "gloo":
@@ -165,7 +166,7 @@ class WeightBroadcast:
         works: list[dist.Work] = []
         with self._bounded("sending weights"):
             for i, bucket in enumerate(self._plan):
-                flat = self._zero_copy(bucket, tensors)
+                flat = self._in_place(bucket, tensors)
                 if flat is None:
                     if i >= 2:  # bucket i - 2 used this staging buffer: let it leave first
                         works[i - 2].wait(self._timeout)
@@ -199,10 +200,7 @@ class WeightBroadcast:
             works = [self._pg.broadcast(buffer, 0) for buffer in self._buffers]
             for work in works:
                 work.wait(self._timeout)
-        named: list[tuple[str, torch.Tensor]] = []
-        for bucket, buffer in zip(self._plan, self._buffers, strict=True):
-            named.extend(unpack(bucket, buffer))
-        return named, version
+        return list(self._views), version
 
     def close(self) -> None:
         """Release the group and (on rank 0) the store; the member cannot be used afterwards."""
@@ -217,19 +215,28 @@ class WeightBroadcast:
             size = max((b.nbytes for b in self._plan if len(b.metas) > 1), default=0)
             self._buffers = [torch.empty(size, dtype=torch.uint8, device=self._device)
                              for _ in range(2)] if size else []
-        else:
+        else:  # the views stay valid as long as the buffers: build them once per generation
             self._buffers = [b.empty(self._device) for b in self._plan]
+            self._views = [nv for b, buf in zip(plan, self._buffers, strict=True)
+                           for nv in unpack(b, buf)]
 
     def _staging(self, index: int, bucket: Bucket) -> torch.Tensor:
         if not self._buffers or bucket.nbytes > self._buffers[0].numel():
             return bucket.empty(self._device)  # a lone non-contiguous tensor: rare, one-off
         return self._buffers[index % 2][: bucket.nbytes].view(getattr(torch, bucket.dtype))
 
-    def _zero_copy(self, bucket: Bucket, tensors: dict[str, torch.Tensor]) -> torch.Tensor | None:
-        """The bucket's only tensor, flattened, when it can be broadcast in place."""
-        if len(bucket.metas) != 1:
+    def _in_place(self, bucket: Bucket, tensors: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """A flat view of the bucket when its tensors already lie end to end in one storage
+        (a lone contiguous tensor, or a trainer that keeps its weights in flat buffers): it is
+        broadcast with no packing copy. None when the bucket has to be packed."""
+        first = tensors[bucket.metas[0].name]
+        if first.device != self._device:
             return None
-        tensor = tensors[bucket.metas[0].name]
-        if tensor.is_contiguous() and tensor.device == self._device:
-            return tensor.view(-1)
-        return None
+        storage, offset = first.untyped_storage().data_ptr(), first.storage_offset()
+        for meta in bucket.metas:
+            t = tensors[meta.name]
+            if (not t.is_contiguous() or t.storage_offset() != offset
+                    or t.untyped_storage().data_ptr() != storage):
+                return None
+            offset += meta.numel
+        return first.as_strided((bucket.numel,), (1,))

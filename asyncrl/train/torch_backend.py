@@ -9,6 +9,7 @@ micro-batches whose losses are weighted so that the aggregate over the whole min
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -33,6 +34,7 @@ class TorchBackend:
         *,
         temperature: float,
         max_new_tokens: int,
+        total_steps: int,
         seed: int,
     ) -> None:
         torch.manual_seed(seed)
@@ -50,6 +52,10 @@ class TorchBackend:
             self.model.parameters(), lr=trainer.lr, betas=trainer.betas,
             weight_decay=trainer.weight_decay,
         )
+        self._scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self._opt, lr_factor(trainer.lr_schedule, total_steps=total_steps,
+                                 warmup_steps=trainer.warmup_steps,
+                                 min_ratio=trainer.min_lr_ratio))
         self._policy_loss = POLICY_LOSSES[algorithm.loss]
         self._policy_version = 0
 
@@ -145,8 +151,10 @@ class TorchBackend:
                 sums[f"train/{key}"] = sums.get(f"train/{key}", 0.0) + float(value.detach()) * share
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self._cfg.grad_clip)
         self._opt.step()
+        self._scheduler.step()
         self._policy_version += 1
-        return sums | {"train/grad_norm": float(grad_norm)}
+        return sums | {"train/grad_norm": float(grad_norm),
+                       "train/lr": self._scheduler.get_last_lr()[0]}
 
     def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         for name, tensor in self.model.state_dict().items():
@@ -156,7 +164,8 @@ class TorchBackend:
         path.mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(path)
         torch.save(
-            {"optimizer": self._opt.state_dict(), "policy_version": self._policy_version},
+            {"optimizer": self._opt.state_dict(), "scheduler": self._scheduler.state_dict(),
+             "policy_version": self._policy_version},
             path / "trainer_state.pt",
         )
 
@@ -165,5 +174,22 @@ class TorchBackend:
         self.model.load_state_dict(loaded.state_dict())
         state = torch.load(path / "trainer_state.pt", weights_only=True)
         self._opt.load_state_dict(state["optimizer"])
+        self._scheduler.load_state_dict(state["scheduler"])
         self._policy_version = state["policy_version"]
 
+
+
+def lr_factor(schedule: str, *, total_steps: int, warmup_steps: int, min_ratio: float):
+    """Multiplier of the base lr at optimizer step s (LambdaLR): warm-up, then decay."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if schedule == "constant":
+            return 1.0
+        progress = min((step - warmup_steps) / max(total_steps - warmup_steps, 1), 1.0)
+        if schedule == "linear":
+            return 1.0 - (1.0 - min_ratio) * progress
+        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor

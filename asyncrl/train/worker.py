@@ -20,7 +20,8 @@ class TrainerWorker:
         self._backend = TorchBackend(
             model_path, config.algorithm, config.trainer,
             temperature=config.rollout.temperature,
-            max_new_tokens=config.rollout.max_new_tokens, seed=config.run.seed,
+            max_new_tokens=config.rollout.max_new_tokens,
+            total_steps=config.run.steps * config.trainer.minibatches, seed=config.run.seed,
         )
 
     def step(self, batch: TrainBatch) -> dict[str, float]:

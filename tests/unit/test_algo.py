@@ -171,3 +171,14 @@ def test_algo_imports_neither_ray_nor_config():
             "print(sorted(m for m in sys.modules if m == 'ray' or m.startswith('asyncrl.config')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_learning_rate_schedules_hand_worked():
+    from asyncrl.train.torch_backend import lr_factor
+
+    linear = lr_factor("linear", total_steps=100, warmup_steps=0, min_ratio=0.1)
+    assert [linear(0), linear(50), linear(100), linear(200)] == pytest.approx([1, 0.55, 0.1, 0.1])
+    cosine = lr_factor("cosine", total_steps=110, warmup_steps=10, min_ratio=0.0)
+    assert [cosine(0), cosine(9), cosine(10), cosine(60), cosine(110)] == pytest.approx(
+        [0.1, 1.0, 1.0, 0.5, 0.0], abs=1e-9)
+    assert lr_factor("constant", total_steps=5, warmup_steps=0, min_ratio=0.1)(4) == 1.0
