@@ -44,7 +44,7 @@ class TinyModelConfig(Section):
 
 
 class WarmStartConfig(Section):
-    steps: int = Field(35, ge=0)
+    steps: int = Field(45, ge=0)
     """Supervised steps on the task before RL (built-in tiny model only); 0 skips it."""
     batch_size: int = Field(64, ge=1)
     """Examples per supervised step."""
@@ -138,9 +138,9 @@ class TrainerConfig(Section):
     """Torch device of the trainer ('cpu', 'cuda')."""
     num_cpus: float = Field(1.0, gt=0)
     """CPUs Ray reserves for the trainer actor."""
-    lr: float = Field(2e-4, gt=0)
+    lr: float = Field(3e-4, gt=0)
     """AdamW learning rate."""
-    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    lr_schedule: Literal["constant", "linear", "cosine"] = "linear"
     """Learning-rate decay over the run's optimizer steps (to lr × min_lr_ratio at the end)."""
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
     """Final learning rate as a fraction of lr (linear and cosine schedules)."""
@@ -174,7 +174,7 @@ class RunConfig(Section):
     """Directory that holds run directories."""
     seed: int = 0
     """Seed for data, model init, sampling."""
-    steps: int = Field(300, ge=1)
+    steps: int = Field(400, ge=1)
     """Training batches to run."""
     eval_every: int = Field(50, ge=1)
     """Evaluate held-out accuracy every this many steps (and at the start and the end)."""
