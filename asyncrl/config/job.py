@@ -124,7 +124,7 @@ class AlgorithmConfig(Section):
     """KL estimator."""
     entropy_coef: float = Field(0.0, ge=0)
     """Entropy bonus weight."""
-    off_policy_correction: Literal["none", "decoupled", "tis"] = "none"
+    off_policy_correction: Literal["none", "decoupled", "tis"] = "decoupled"
     """Weight each token by min(π_old / π_behaviour, cap): 'decoupled' PPO (stale samples) or
     'tis' (truncated importance sampling for engine/trainer mismatch)."""
     behaviour_weight_cap: float = Field(2.0, gt=0)

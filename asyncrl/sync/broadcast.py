@@ -7,9 +7,10 @@ Protocol, over one TCPStore (hosted by rank 0) and one process group, per send n
    fetches `meta/<g>` only when g is new to it, and (re)allocates its bucket buffers then.
 3. Buckets. Each flat bucket is one `broadcast` from rank 0, in plan order. All are issued before
    any is waited on, so gloo streams them back to back; the sender packs the next bucket while
-   the previous one is on the wire (two staging buffers), and a bucket that is one contiguous
-   tensor goes out with no copy at all. Receivers keep one buffer per bucket across sends and
-   return views into it: no unpack copy.
+   the previous one is on the wire (two staging buffers), and a bucket whose tensors already
+   lie end to end in one storage (a lone contiguous tensor, or flat parameters) goes out with
+   no copy at all. Receivers keep one buffer per bucket across sends and return views into it,
+   in the sender's order: no unpack copy.
 So every rank must call `send` / `receive` the same number of times, in the same order.
 
 Why a side-channel group: a vLLM worker (and a trainer's own data-parallel setup) already owns
@@ -89,6 +90,9 @@ class WeightBroadcast:
             backend = "nccl" if self._device.type == "cuda" else "gloo"
         if backend not in ("gloo", "nccl"):
             raise ValueError(f"unknown weight sync backend {backend!r}: use gloo, nccl or auto")
+        if backend == "nccl" and (self._device.type != "cuda" or not dist.is_nccl_available()):
+            raise ValueError(f"weight sync backend 'nccl' needs a CUDA device and a CUDA build "
+                             f"of torch (device {self._device}): use backend gloo or auto")
         self.backend = backend
         self._bucket_bytes, self._timeout_s = bucket_bytes, timeout_s
         self._timeout = timedelta(seconds=timeout_s)
@@ -102,6 +106,7 @@ class WeightBroadcast:
         self._plan: list[Bucket] = []
         self._buffers: list[torch.Tensor] = []  # receiver: one per bucket; sender: two staging
         self._views: list[tuple[str, torch.Tensor]] = []  # receiver: (name, view into buffers)
+        self._staging_bytes = 0
 
     def _new_group(self, store: dist.Store) -> dist.ProcessGroup:
         if self.backend == "gloo":
@@ -132,6 +137,10 @@ class WeightBroadcast:
                 "if the model is large or peers are slow"
             ) from exc
 
+    def _wait(self, work: dist.Work, what: str) -> None:
+        with self._bounded(what):
+            work.wait(self._timeout)
+
     def _key(self, kind: str, n: int) -> str:
         return f"{self.group_name}/{kind}/{n}"
 
@@ -147,11 +156,14 @@ class WeightBroadcast:
         Raises:
             WeightSyncTimeout: a receiver did not take part within `timeout_s`.
         """
-        if self.rank != 0:
-            raise RuntimeError(f"rank {self.rank} of group {self.group_name!r} receives; "
-                               "only rank 0 sends")
+        self._check_usable(sender=True)
         start = time.perf_counter()
-        tensors = {name: t.detach() for name, t in named_tensors}
+        pairs = [(name, t.detach()) for name, t in named_tensors]
+        tensors = dict(pairs)
+        if len(tensors) != len(pairs):
+            seen = [name for name, _ in pairs]
+            raise ValueError(f"send: duplicate tensor names "
+                             f"{sorted({n for n in seen if seen.count(n) > 1})}")
         metas = [TensorMeta.of(name, t) for name, t in tensors.items()]
         self._seq += 1
         if metas != self._metas:
@@ -159,21 +171,25 @@ class WeightBroadcast:
             self._metas = metas
             self._set_plan(plan_buckets(metas, self._bucket_bytes), staging=True)
             with self._bounded("publishing the metadata table"):
-                self._store.set(self._key("meta", self._generation), pickle.dumps(self._plan))
+                table = pickle.dumps((metas, self._plan))
+                self._store.set(self._key("meta", self._generation), table)
         with self._bounded("stamping the version"):
             self._store.set(self._key("send", self._seq),
                             pickle.dumps((self._generation, policy_version)))
         works: list[dist.Work] = []
-        with self._bounded("sending weights"):
-            for i, bucket in enumerate(self._plan):
-                flat = self._in_place(bucket, tensors)
-                if flat is None:
-                    if i >= 2:  # bucket i - 2 used this staging buffer: let it leave first
-                        works[i - 2].wait(self._timeout)
-                    flat = pack(bucket, tensors, self._staging(i, bucket))
+        what = f"sending the buckets of send #{self._seq}"
+        for i, bucket in enumerate(self._plan):
+            flat = self._in_place(bucket, tensors)
+            if flat is None:
+                if i >= 2:  # bucket i - 2 used this staging buffer: let it leave first
+                    self._wait(works[i - 2], what)
+                flat = pack(bucket, tensors, self._staging(i, bucket))
+            with self._bounded(what):
                 works.append(self._pg.broadcast(flat, 0))
-            for work in works:
-                work.wait(self._timeout)
+        for work in works:
+            self._wait(work, what)
+        if self._device.type == "cuda":  # nccl's wait only orders streams: time the transfer
+            torch.cuda.current_stream(self._device).synchronize()
         nbytes = sum(b.nbytes for b in self._plan)
         return SendStats(nbytes, time.perf_counter() - start, len(self._plan))
 
@@ -187,19 +203,19 @@ class WeightBroadcast:
         Raises:
             WeightSyncTimeout: no send arrived, or it did not complete, within `timeout_s`.
         """
-        if self.rank == 0:
-            raise RuntimeError(f"rank 0 of group {self.group_name!r} sends; it cannot receive")
+        self._check_usable(sender=False)
         self._seq += 1
         with self._bounded(f"waiting for send #{self._seq}"):
             generation, version = pickle.loads(self._store.get(self._key("send", self._seq)))
             if generation != self._generation:
-                plan = pickle.loads(self._store.get(self._key("meta", generation)))
+                self._metas, plan = pickle.loads(self._store.get(self._key("meta", generation)))
                 self._generation = generation
                 self._set_plan(plan, staging=False)
-        with self._bounded(f"receiving the buckets of send #{self._seq}"):
+        what = f"receiving the buckets of send #{self._seq}"
+        with self._bounded(what):
             works = [self._pg.broadcast(buffer, 0) for buffer in self._buffers]
-            for work in works:
-                work.wait(self._timeout)
+        for work in works:
+            self._wait(work, what)
         return list(self._views), version
 
     def close(self) -> None:
@@ -209,20 +225,31 @@ class WeightBroadcast:
             with contextlib.suppress(RuntimeError):  # a backend without shutdown support
                 pg.shutdown()
 
+    def _check_usable(self, *, sender: bool) -> None:
+        if self._pg is None:
+            raise RuntimeError(f"weight sync group {self.group_name!r} is closed")
+        if sender != (self.rank == 0):
+            raise RuntimeError(f"rank {self.rank} of weight sync group {self.group_name!r} "
+                               f"cannot {'send' if sender else 'receive'}: rank 0 sends, "
+                               "ranks >= 1 receive")
+
     def _set_plan(self, plan: list[Bucket], *, staging: bool) -> None:
         self._plan = plan
-        if staging:  # two byte buffers, each as large as the largest bucket that needs packing
-            size = max((b.nbytes for b in self._plan if len(b.metas) > 1), default=0)
-            self._buffers = [torch.empty(size, dtype=torch.uint8, device=self._device)
-                             for _ in range(2)] if size else []
+        if staging:  # two byte buffers as large as the largest bucket, made on first use
+            self._staging_bytes = max((b.nbytes for b in plan if len(b.metas) > 1), default=0)
+            self._buffers = []
         else:  # the views stay valid as long as the buffers: build them once per generation
             self._buffers = [b.empty(self._device) for b in self._plan]
-            self._views = [nv for b, buf in zip(plan, self._buffers, strict=True)
-                           for nv in unpack(b, buf)]
+            views = dict(nv for b, buf in zip(plan, self._buffers, strict=True)
+                         for nv in unpack(b, buf))
+            self._views = [(m.name, views[m.name]) for m in self._metas]  # the sender's order
 
     def _staging(self, index: int, bucket: Bucket) -> torch.Tensor:
-        if not self._buffers or bucket.nbytes > self._buffers[0].numel():
+        if bucket.nbytes > self._staging_bytes:
             return bucket.empty(self._device)  # a lone non-contiguous tensor: rare, one-off
+        if not self._buffers:
+            self._buffers = [torch.empty(self._staging_bytes, dtype=torch.uint8,
+                                         device=self._device) for _ in range(2)]
         return self._buffers[index % 2][: bucket.nbytes].view(getattr(torch, bucket.dtype))
 
     def _in_place(self, bucket: Bucket, tensors: dict[str, torch.Tensor]) -> torch.Tensor | None:

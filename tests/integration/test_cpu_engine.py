@@ -162,3 +162,19 @@ async def test_unknown_weight_name_is_a_clear_error(model_dir):
     with pytest.raises(KeyError, match="no parameter 'nope.weight'"):
         await engine.update_weights([("nope.weight", torch.zeros(1))], policy_version=1)
     await engine.close()
+
+
+async def test_engine_logprobs_equal_the_torch_trainers_recomputed_logprobs(model_dir, tokenizer):
+    from asyncrl.config.job import AlgorithmConfig, TrainerConfig
+    from asyncrl.train.torch_backend import TorchBackend
+
+    engine = await _engine(model_dir)
+    samples = make_samples(tokenizer, PROMPTS, n=2, max_new_tokens=12)
+    await engine.generate(samples, SamplingParams(temperature=0.8))
+    trainer = TorchBackend(str(model_dir), AlgorithmConfig(), TrainerConfig(micro_batch_size=3),
+                           temperature=0.8, max_new_tokens=12, total_steps=1, seed=0)
+    batch = as_batch(samples, tokenizer.pad_token_id)
+    recomputed = trainer.logprobs(batch)
+    error = ((recomputed - batch.rollout_logprobs).abs() * batch.loss_mask).max()
+    assert float(error) <= 1e-5
+    await engine.close()

@@ -94,7 +94,7 @@ async def test_partial_rollouts_account_for_every_sample_and_resume_from_their_t
     # An untrained model rarely says EOS, so answers are long and aborts catch them midway.
     config = _config(tmp_path, "partial", "mode=async", "max_staleness=2", "rollout.partial=true",
                      "rollout.oversample=2", "rollout.max_new_tokens=48",
-                     "model.warm_start.steps=0")
+                     "model.warm_start.steps=0", "algorithm.off_policy_correction=decoupled")
     controller = await _start(config)
     try:
         trained = await _train(controller, 5)
