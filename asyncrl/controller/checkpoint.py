@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-TRAINER_DIR, STATE_FILE = "trainer", "job_state.pkl"
+CHECKPOINT_DIR, TRAINER_DIR, STATE_FILE = "checkpoint", "trainer", "job_state.pkl"
 
 
 async def write_checkpoint(

@@ -22,9 +22,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import signal
 import time
 from pathlib import Path
 
+from asyncrl.controller.checkpoint import CHECKPOINT_DIR
 from asyncrl.controller.pools import Pools, batch_stats
 from asyncrl.controller.run import JobContext, RunResult
 from asyncrl.errors import AsyncrlError
@@ -32,8 +34,6 @@ from asyncrl.metrics.report import StepProgress
 from asyncrl.types import Group, TrainBatch
 
 log = logging.getLogger(__name__)
-
-CHECKPOINT_DIR = "checkpoint"
 
 
 class Controller:
@@ -120,6 +120,7 @@ async def run_loop(
     result = RunResult(run_dir=ctx.run_dir)
     pools = await Pools.start(ctx)
     controller = Controller(pools)
+    sigterm = _on_sigterm()
     try:
         if resume_from is not None:
             await pools.restore(resume_from)
@@ -138,7 +139,8 @@ async def run_loop(
                     accuracy = await pools.evaluate()
                     result.evals.append((record["policy_version"], accuracy))
                     record |= {"eval/accuracy": accuracy, "time/eval_s": time.perf_counter() - t0}
-                if cfg.run.checkpoint_every and step % cfg.run.checkpoint_every == 0:
+                if sigterm.is_set() or (cfg.run.checkpoint_every
+                                        and step % cfg.run.checkpoint_every == 0):
                     await controller.checkpoint()
                 now = time.perf_counter()
                 record |= {"step": step, "time/step_s": now - last,
@@ -148,12 +150,27 @@ async def run_loop(
                 if progress:
                     bar.update(step, reward=record["reward/mean"], acc=accuracy,
                                tok_s=record["perf/tokens_per_s"])
+                if sigterm.is_set():
+                    result.interrupted = True
+                    break
         await controller.stop_producer()
         await pools.rollout.abort_in_flight()
         await pools.rollout.drain()
-        result.final_model = await pools.save_final()
+        if not result.interrupted:
+            result.final_model = await pools.save_final()
         result.ledger = await pools.data.stats()
     finally:
         await controller.stop_producer()
         pools.close()
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            asyncio.get_running_loop().remove_signal_handler(signal.SIGTERM)
     return result
+
+
+def _on_sigterm() -> asyncio.Event:
+    """An event set by SIGTERM: the loop then checkpoints after the current step and stops.
+    Only the main thread can take signals; elsewhere the event is never set."""
+    event = asyncio.Event()
+    with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, event.set)
+    return event

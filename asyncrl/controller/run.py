@@ -15,7 +15,8 @@ from typing import Any
 
 from transformers import AutoTokenizer
 
-from asyncrl.config import RESOLVED_NAME, JobConfig, dump_resolved
+from asyncrl.config import RESOLVED_NAME, JobConfig, dump_resolved, load_config
+from asyncrl.controller.checkpoint import CHECKPOINT_DIR, STATE_FILE
 from asyncrl.data.datasets import ProceduralPrompts, eval_examples, to_prompt
 from asyncrl.data.tasks import TASKS
 from asyncrl.errors import ConfigError
@@ -26,6 +27,8 @@ from asyncrl.types import Prompt
 
 log = logging.getLogger(__name__)
 
+INIT_MODEL = "init_model"
+
 
 @dataclass
 class RunResult:
@@ -33,6 +36,7 @@ class RunResult:
     evals: list[tuple[int, float]] = field(default_factory=list)  # (policy_version, accuracy)
     final_model: Path | None = None
     ledger: dict[str, int] = field(default_factory=dict)
+    interrupted: bool = False  # stopped by SIGTERM after writing a checkpoint
 
     @property
     def accuracy_gain(self) -> float:
@@ -65,25 +69,21 @@ def build_task(config: JobConfig) -> Any:
         raise ConfigError(f"data.task_kwargs: {exc}") from None
 
 
-def prepare(config: JobConfig, on_warm_start_step=None) -> JobContext:
-    run_dir = Path(config.run.output_dir) / config.run.name
-    if run_dir.exists():
-        if any(run_dir.iterdir()) and not (run_dir / RESOLVED_NAME).is_file():
-            raise ConfigError(
-                f"run.name: {str(run_dir)!r} exists and is not an asyncrl run directory; "
-                "choose another run.name or run.output_dir"
-            )
-        shutil.rmtree(run_dir)  # a fresh run replaces an earlier run of the same name
-    dump_resolved(config, run_dir)
+def prepare(config: JobConfig, *, resume: bool = False) -> JobContext:
+    """Resolve the job in the driver. A fresh run replaces an earlier run of the same name; with
+    `resume` the run directory and its checkpoint are kept and the model is not rebuilt."""
     task = build_task(config)
     reward = build_reward(config.reward.fn, task)
+    run_dir = _run_dir(config, resume=resume)
+    dump_resolved(config, run_dir)
     seed = config.run.seed
     held_out = eval_examples(task, seed, config.data.eval_size)
     exclude = {ex.prompt for ex in held_out}
-    model_path = prepare_model(
-        config.model, task, seed=seed, exclude=exclude, out_dir=run_dir / "init_model",
-        on_step=on_warm_start_step,
-    )
+    if resume and config.model.path is None:
+        model_path = run_dir / INIT_MODEL  # the trainer's weights come from the checkpoint
+    else:
+        model_path = prepare_model(config.model, task, seed=seed, exclude=exclude,
+                                   out_dir=run_dir / INIT_MODEL)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     return JobContext(
         config=config, run_dir=run_dir, model_path=model_path, task=task, tokenizer=tokenizer,
@@ -94,18 +94,46 @@ def prepare(config: JobConfig, on_warm_start_step=None) -> JobContext:
     )
 
 
+def _run_dir(config: JobConfig, *, resume: bool) -> Path:
+    run_dir = Path(config.run.output_dir) / config.run.name
+    if resume:
+        if not (run_dir / CHECKPOINT_DIR / STATE_FILE).is_file():
+            raise ConfigError(
+                f"--resume: {str(run_dir)!r} has no checkpoint ({CHECKPOINT_DIR}/{STATE_FILE}); "
+                "runs save one every run.checkpoint_every steps and when stopped by SIGTERM"
+            )
+        return run_dir
+    if run_dir.exists():
+        if any(run_dir.iterdir()) and not (run_dir / RESOLVED_NAME).is_file():
+            raise ConfigError(
+                f"run.name: {str(run_dir)!r} exists and is not an asyncrl run directory; "
+                "choose another run.name or run.output_dir"
+            )
+        shutil.rmtree(run_dir)
+    return run_dir
+
+
+def load_resume_config(run_dir: Path, overrides: list[str]) -> JobConfig:
+    """The config a run was started with (its resolved copy), plus overrides (e.g. run.steps)."""
+    resolved = run_dir / RESOLVED_NAME
+    if not resolved.is_file():
+        raise ConfigError(f"--resume: {str(run_dir)!r} is not a run directory (no {RESOLVED_NAME})")
+    return load_config(resolved, overrides)
+
+
 def run(
     config: JobConfig,
     *,
     address: str | None = None,
     progress: bool = True,
-    resume_from: Path | None = None,
+    resume: bool = False,
 ) -> RunResult:
-    """The Python API behind `asyncrl train`; `resume_from` is a checkpoint directory."""
+    """The Python API behind `asyncrl train`; `resume` continues from the run's checkpoint."""
     from asyncrl.cluster.launcher import init_ray, shutdown_ray
     from asyncrl.controller.loop import run_loop
 
-    ctx = prepare(config)
+    ctx = prepare(config, resume=resume)
+    resume_from = ctx.run_dir / CHECKPOINT_DIR if resume else None
     started = init_ray(
         address=address, num_cpus=config.run.num_cpus, namespace=f"asyncrl-{config.run.name}"
     )

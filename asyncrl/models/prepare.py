@@ -7,7 +7,6 @@ model and tokenizer, warm-start them on the task and save them under the run dir
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,6 @@ def prepare_model(
     seed: int,
     exclude: set[str],
     out_dir: Path,
-    on_step: Callable[[int, float], None] | None = None,
 ) -> Path:
     if cfg.path is not None:
         path = Path(cfg.path)
@@ -49,7 +47,7 @@ def prepare_model(
     w = cfg.warm_start
     warm_start(
         model, tokenizer, task.example, steps=w.steps, batch_size=w.batch_size, lr=w.lr,
-        seed=seed, exclude=exclude, on_step=on_step,
+        seed=seed, exclude=exclude,
     )
     save_pretrained(model, tokenizer, out_dir)
     params = sum(p.numel() for p in model.parameters())

@@ -24,13 +24,12 @@ def warm_start(
     lr: float,
     seed: int,
     exclude: set[str],
-    on_step: Callable[[int, float], None] | None = None,
 ) -> None:
     """Teacher-forced cross-entropy on `prompt + answer + EOS`, loss on the answer tokens only."""
     rng = random.Random(f"warm-start/{seed}")
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     model.train()
-    for step in range(steps):
+    for _ in range(steps):
         rows = []
         while len(rows) < batch_size:
             ex = example(rng)
@@ -51,6 +50,4 @@ def warm_start(
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if on_step is not None:
-            on_step(step, float(loss))
     model.eval()

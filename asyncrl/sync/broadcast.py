@@ -177,15 +177,23 @@ class WeightBroadcast:
             self._store.set(self._key("send", self._seq),
                             pickle.dumps((self._generation, policy_version)))
         works: list[dist.Work] = []
+        slot_work: list[dist.Work | None] = [None, None]  # the last broadcast out of each slot
+        packed = 0
         what = f"sending the buckets of send #{self._seq}"
-        for i, bucket in enumerate(self._plan):
+        for bucket in self._plan:
             flat = self._in_place(bucket, tensors)
-            if flat is None:
-                if i >= 2:  # bucket i - 2 used this staging buffer: let it leave first
-                    self._wait(works[i - 2], what)
-                flat = pack(bucket, tensors, self._staging(i, bucket))
+            slot = packed % 2 if flat is None else None
+            if slot is not None:
+                # Gloo can finish broadcasts out of order (two worker threads): wait for the
+                # very broadcast that last read this staging slot before overwriting it.
+                if slot_work[slot] is not None:
+                    self._wait(slot_work[slot], what)
+                flat = pack(bucket, tensors, self._staging(slot, bucket))
+                packed += 1
             with self._bounded(what):
                 works.append(self._pg.broadcast(flat, 0))
+            if slot is not None:
+                slot_work[slot] = works[-1]
         for work in works:
             self._wait(work, what)
         if self._device.type == "cuda":  # nccl's wait only orders streams: time the transfer
@@ -244,13 +252,13 @@ class WeightBroadcast:
                          for nv in unpack(b, buf))
             self._views = [(m.name, views[m.name]) for m in self._metas]  # the sender's order
 
-    def _staging(self, index: int, bucket: Bucket) -> torch.Tensor:
+    def _staging(self, slot: int, bucket: Bucket) -> torch.Tensor:
         if bucket.nbytes > self._staging_bytes:
             return bucket.empty(self._device)  # a lone non-contiguous tensor: rare, one-off
         if not self._buffers:
             self._buffers = [torch.empty(self._staging_bytes, dtype=torch.uint8,
                                          device=self._device) for _ in range(2)]
-        return self._buffers[index % 2][: bucket.nbytes].view(getattr(torch, bucket.dtype))
+        return self._buffers[slot][: bucket.nbytes].view(getattr(torch, bucket.dtype))
 
     def _in_place(self, bucket: Bucket, tensors: dict[str, torch.Tensor]) -> torch.Tensor | None:
         """A flat view of the bucket when its tensors already lie end to end in one storage

@@ -141,6 +141,51 @@ def test_a_late_joiner_gets_the_current_weights_from_a_new_group_in_the_same_pro
         _assert_same(named, current)
 
 
+def _mixed(version: int) -> dict[str, torch.Tensor]:
+    """Per group: a lone tensor larger than a 256 KB bucket (sent in place), then three pairs
+    of small ones (three packed buckets); 16 groups, 64 buckets, about 18 MB."""
+    g = torch.Generator().manual_seed(version)
+    weights = {}
+    for i in range(16):
+        weights[f"big.{i}"] = torch.randn(128 << 10, generator=g)  # 512 KB
+        for j in range(6):
+            weights[f"small.{i}.{j}"] = torch.randn(25 << 10, generator=g)  # 100 KB
+    return weights
+
+
+def _checking_receiver(port: int, sends: int, out: mp.Queue) -> None:
+    bc = WeightBroadcast(rank=1, world_size=2, host=HOST, port=port, bucket_bytes=256 << 10,
+                         timeout_s=30, group_name="mixed")
+    for _ in range(sends):
+        named, version = bc.receive()
+        expected = _mixed(version)
+        out.put((version, [n for n, t in named if not torch.equal(t, expected[n])]))
+    bc.close()
+
+
+def test_staging_buffers_are_not_overwritten_while_a_broadcast_still_reads_them():
+    # In-place and packed buckets alternate, so the two staging slots are reused out of step
+    # with the bucket index; gloo may finish broadcasts out of order. Every send must arrive
+    # intact.
+    port = WeightBroadcast.free_port()
+    queue = CTX.Queue()
+    proc = CTX.Process(target=_checking_receiver, args=(port, 8, queue))
+    proc.start()
+    try:
+        sender = WeightBroadcast(rank=0, world_size=2, host=HOST, port=port,
+                                 bucket_bytes=256 << 10, timeout_s=30, group_name="mixed")
+        for version in range(8):
+            stats = sender.send(_mixed(version).items(), policy_version=version)
+        assert stats.buckets == 64
+        assert [queue.get(timeout=30) for _ in range(8)] == [(v, []) for v in range(8)]
+        sender.close()
+    finally:
+        proc.join(timeout=30)
+        if proc.is_alive():
+            proc.terminate()
+            proc.join()
+
+
 def _silent_sender(port: int, ready: mp.Event) -> None:
     ready.set()  # the store is about to listen; the receiver's connect retries until it does
     bc = WeightBroadcast(rank=0, world_size=2, host=HOST, port=port, timeout_s=30,
