@@ -1,63 +1,110 @@
 """Advantage estimators over groups: `rewards [B]`, `group_ids [B]` → `advantages [B]`.
 
 Samples with the same group id answered the same prompt. Group ids need not be contiguous and
-groups may differ in size.
+groups may differ in size. Every estimator here is outcome-only (one scalar per sample);
+`expand_to_tokens` repeats it over the sample's trained tokens.
+
+Rewards must be finite: a NaN reward (a failed reward, see asyncrl.types.Reward) makes its whole
+group NaN, on purpose, so a failure that slipped through is visible rather than silently zero.
+Failed samples are filtered before this module.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 
-def _group_index(group_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+def _per_sample_group_sum(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """[B] sum of `values` over each sample's group (index: [B] dense group index)."""
+    groups = int(index.max()) + 1 if index.numel() else 0
+    zeros = torch.zeros(groups, dtype=values.dtype, device=values.device)
+    return zeros.index_add(0, index, values)[index]
+
+
+def _group_stats(
+    rewards: torch.Tensor, group_ids: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-sample dense group index [B], group mean [B] and group size [B] (rewards' dtype)."""
+    if rewards.shape != group_ids.shape or rewards.dim() != 1:
+        raise ValueError(
+            f"rewards and group_ids must both be [B]; got {tuple(rewards.shape)} "
+            f"and {tuple(group_ids.shape)}"
+        )
     _, index = torch.unique(group_ids, return_inverse=True)
-    return index, int(index.max()) + 1 if index.numel() else 0
+    count = _per_sample_group_sum(torch.ones_like(rewards), index)
+    return index, _per_sample_group_sum(rewards, index) / count, count
 
 
-def _group_mean(
-    rewards: torch.Tensor, index: torch.Tensor, groups: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample group mean [B] and group size [B]."""
-    sums = torch.zeros(groups, dtype=rewards.dtype).index_add_(0, index, rewards)
-    counts = torch.zeros(groups, dtype=rewards.dtype).index_add_(0, index, torch.ones_like(rewards))
-    return (sums / counts)[index], counts[index]
+def _safe_divide(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
+    """numerator / denominator, 0 where the denominator is 0 (a uniform group with eps=0)."""
+    safe = torch.where(denominator > 0, denominator, torch.ones_like(denominator))
+    return torch.where(denominator > 0, numerator / safe, torch.zeros_like(numerator))
 
 
 def grpo(
-    rewards: torch.Tensor, group_ids: torch.Tensor, *, normalize_std: bool = True, eps: float = 1e-6
+    rewards: torch.Tensor,
+    group_ids: torch.Tensor,
+    *,
+    normalize_std: bool = True,
+    eps: float = 1e-6,
 ) -> torch.Tensor:
     """GRPO (Shao et al. 2024): A_i = (r_i − mean_g) / (std_g + eps).
 
-    std_g is the unbiased group std (torch.std's default), as in the paper's reference code; a
-    group of one sample has std 0 and advantage 0. With normalize_std=False this is Dr.GRPO's
-    advantage.
+    std_g is the unbiased group std (torch.std's default, n − 1), as in the reference code. A
+    group of one sample has advantage 0 (its centred reward is 0). With eps=0, a group whose
+    rewards are all equal gets 0 instead of 0/0. With normalize_std=False this is `dr_grpo`.
+
+    Args:
+        rewards: [B] float, one scalar reward per sample.
+        group_ids: [B] int64, samples with the same id form one prompt's group.
+        normalize_std: divide by the group std (GRPO); False only centres (Dr.GRPO).
+        eps: added to the std.
+
+    Returns:
+        [B] advantages, rewards' dtype.
     """
-    index, groups = _group_index(group_ids)
-    mean, count = _group_mean(rewards, index, groups)
+    index, mean, count = _group_stats(rewards, group_ids)
     centred = rewards - mean
     if not normalize_std:
         return centred
-    sq = torch.zeros(groups, dtype=rewards.dtype).index_add_(0, index, centred**2)[index]
+    sq = _per_sample_group_sum(centred**2, index)
     std = torch.sqrt(sq / (count - 1).clamp(min=1))
-    return centred / (std + eps)
+    return _safe_divide(centred, std + eps)
 
 
 def dr_grpo(rewards: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
-    """Dr.GRPO (Liu et al. 2025): A_i = r_i − mean_g, no std division (its difficulty bias).
+    """Dr.GRPO (Liu et al. 2025, "Understanding R1-Zero-Like Training"): A_i = r_i − mean_g.
 
-    The paper's other change, dropping the per-response length normalisation, lives in the
-    aggregation mode `seq-mean-token-sum-norm`, not here.
+    Departs from GRPO by dropping the division by the group std, which up-weights groups whose
+    rewards barely differ (too easy or too hard prompts: the "question-level difficulty bias").
+    The paper's other change, dropping GRPO's per-response 1/|o_i| length normalisation, is not
+    an advantage change: it lives in the aggregation mode `seq-mean-token-sum-norm`
+    (asyncrl.algo.aggregate), so pair the two to get Dr.GRPO.
+
+    Args:
+        rewards: [B] float. group_ids: [B] int64.
+
+    Returns:
+        [B] advantages.
     """
     return grpo(rewards, group_ids, normalize_std=False)
 
 
 def rloo(rewards: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
-    """RLOO (Ahmadian et al. 2024): A_i = r_i − mean of the other samples of the group.
+    """RLOO (Ahmadian et al. 2024): A_i = r_i − (1 / (n − 1)) Σ_{j≠i} r_j, leave-one-out.
 
-    Equals (n / (n − 1)) · (r_i − mean_g); a group of one sample gets 0.
+    Algebraically (n / (n − 1)) · (r_i − mean_g), which is how it is computed. A group of one
+    sample has no "others" and gets 0. No std normalisation, as in the paper.
+
+    Args:
+        rewards: [B] float. group_ids: [B] int64; n is the size of the sample's group.
+
+    Returns:
+        [B] advantages.
     """
-    index, groups = _group_index(group_ids)
-    mean, count = _group_mean(rewards, index, groups)
+    _, mean, count = _group_stats(rewards, group_ids)
     scale = torch.where(count > 1, count / (count - 1).clamp(min=1), torch.zeros_like(count))
     return (rewards - mean) * scale
 
@@ -65,18 +112,30 @@ def rloo(rewards: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
 def reinforce_pp_baseline(
     rewards: torch.Tensor, group_ids: torch.Tensor, *, eps: float = 1e-6
 ) -> torch.Tensor:
-    """REINFORCE++-baseline (Hu et al. 2025): subtract the group mean, then normalise by the
-    std over the whole batch (global normalisation instead of GRPO's per-group std).
+    """REINFORCE++-baseline (Hu et al. 2025): A_i = (c_i − mean_B c) / (std_B c + eps), where
+    c_i = r_i − mean_g is the group-centred reward and mean_B, std_B run over the whole batch.
 
-    The paper also folds a token-level KL into the reward; here KL is a separate loss term.
+    The batch std (unbiased) replaces GRPO's per-group std, so a group whose rewards barely
+    differ is not blown up. mean_B c is 0 up to rounding (each group's centred rewards sum to
+    0) and is subtracted only for fidelity. Departures from the paper: the paper folds a
+    token-level KL penalty into the reward (here KL is a separate loss term, asyncrl.algo.kl)
+    and its reference code whitens over tokens, so long responses weigh more in the batch
+    statistics; here the statistics are per sample. A batch of one sample gets 0.
+
+    Args:
+        rewards: [B] float. group_ids: [B] int64.
+        eps: added to the batch std.
+
+    Returns:
+        [B] advantages.
     """
     centred = dr_grpo(rewards, group_ids)
     if centred.numel() < 2:
-        return centred
-    return (centred - centred.mean()) / (centred.std() + eps)
+        return torch.zeros_like(centred)
+    return _safe_divide(centred - centred.mean(), centred.std() + eps)
 
 
-ADVANTAGE_ESTIMATORS = {
+ADVANTAGE_ESTIMATORS: dict[str, Callable[..., torch.Tensor]] = {
     "grpo": grpo,
     "dr_grpo": dr_grpo,
     "rloo": rloo,
@@ -85,5 +144,15 @@ ADVANTAGE_ESTIMATORS = {
 
 
 def expand_to_tokens(advantages: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
-    """[B] per-sequence advantages → [B, T], zero where the mask is False."""
-    return advantages[:, None].to(torch.float32) * loss_mask.to(torch.float32)
+    """Repeat each sequence's advantage over its trained tokens.
+
+    Args:
+        advantages: [B] float, one per sequence.
+        loss_mask: [B, T] bool, True for trained tokens.
+
+    Returns:
+        [B, T] advantages' dtype; exactly 0 where the mask is False (even for a NaN advantage).
+    """
+    mask = loss_mask.to(torch.bool)
+    values = advantages[:, None].expand(mask.shape)
+    return torch.where(mask, values, torch.zeros_like(values))

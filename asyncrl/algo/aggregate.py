@@ -1,4 +1,18 @@
-"""Reduce a per-token loss [B, T] to a scalar; the modes differ in how tokens are weighted."""
+"""Reduce a per-token loss [B, T] to a scalar; the modes differ only in how tokens are weighted.
+
+Every policy loss in asyncrl.algo.losses returns an un-aggregated [B, T] tensor, so every mode
+works with every loss. With L[b, t] the per-token value, m[b, t] the mask and n_b = Σ_t m[b, t]:
+
+    token-mean               Σ_b Σ_t m L / Σ_b n_b          (DAPO: every token weighs the same)
+    seq-mean-token-sum       (1/B) Σ_b Σ_t m L
+    seq-mean-token-mean      (1/B) Σ_b (Σ_t m L) / n_b      (GRPO's original 1/|o_i|)
+    seq-mean-token-sum-norm  (1/B) Σ_b (Σ_t m L) / N        (Dr.GRPO: a constant N, e.g. the
+                                                             max response length)
+
+The seq-mean modes divide by B, all rows, including rows with no trained token (they add 0):
+the train backend splits a step into micro-batches and weights each by its share of rows, which
+is only exact with this denominator. A row with n_b = 0 adds 0, never 0/0.
+"""
 
 from __future__ import annotations
 
@@ -8,30 +22,46 @@ MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-to
 
 
 def aggregate(
-    values: torch.Tensor, mask: torch.Tensor, mode: str, *, norm_tokens: int | None = None
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    mode: str,
+    *,
+    norm_tokens: int | None = None,
 ) -> torch.Tensor:
-    """Args:
-        values: [B, T] per-token loss. mask: [B, T] bool, tokens that count.
-        mode: "token-mean": Σ tokens / #tokens (DAPO; every token weighs the same);
-            "seq-mean-token-sum": mean over sequences of Σ tokens;
-            "seq-mean-token-mean": mean over sequences of the token mean (GRPO's original);
-            "seq-mean-token-sum-norm": mean over sequences of Σ tokens / norm_tokens (Dr.GRPO,
-            a constant instead of each length).
-        norm_tokens: the constant of seq-mean-token-sum-norm (e.g. the max response length).
-    Masked positions never contribute, even if they hold inf/NaN; an empty mask gives 0.
+    """Reduce per-token values to a scalar (formulas in the module docstring).
+
+    Args:
+        values: [B, T] float, per-token loss. Masked positions never contribute, even if they
+            hold inf or NaN (they are selected away, not multiplied by 0).
+        mask: [B, T] bool, True for tokens that count.
+        mode: one of MODES.
+        norm_tokens: N of "seq-mean-token-sum-norm" (e.g. max_new_tokens); ignored otherwise.
+
+    Returns:
+        A 0-d tensor; 0 when the mask is empty.
+
+    Raises:
+        ValueError: unknown mode (the message lists MODES), shapes that differ, or
+            "seq-mean-token-sum-norm" without a positive norm_tokens.
     """
+    if values.shape != mask.shape:
+        raise ValueError(f"values {tuple(values.shape)} and mask {tuple(mask.shape)} differ")
     m = mask.to(torch.bool)
     masked = torch.where(m, values, torch.zeros_like(values))
-    counts = m.sum(-1).to(values.dtype)
-    seqs = max(values.shape[0], 1)
+    token_sums = masked.sum(-1)  # [B]
+    counts = m.sum(-1).to(values.dtype)  # [B]
+    rows = max(values.shape[0], 1)
     if mode == "token-mean":
-        return masked.sum() / counts.sum().clamp(min=1)
+        return token_sums.sum() / counts.sum().clamp(min=1)
     if mode == "seq-mean-token-sum":
-        return masked.sum(-1).sum() / seqs
+        return token_sums.sum() / rows
     if mode == "seq-mean-token-mean":
-        return (masked.sum(-1) / counts.clamp(min=1)).sum() / seqs
+        return (token_sums / counts.clamp(min=1)).sum() / rows
     if mode == "seq-mean-token-sum-norm":
-        if not norm_tokens:
-            raise ValueError("seq-mean-token-sum-norm needs norm_tokens (e.g. max_new_tokens)")
-        return masked.sum(-1).sum() / (seqs * norm_tokens)
-    raise ValueError(f"unknown aggregation mode {mode!r}; use one of {', '.join(MODES)}")
+        if norm_tokens is None or norm_tokens <= 0:
+            raise ValueError(
+                "aggregation 'seq-mean-token-sum-norm' needs norm_tokens > 0 "
+                f"(e.g. the max response length); got {norm_tokens!r}"
+            )
+        return token_sums.sum() / (rows * norm_tokens)
+    raise ValueError(f"unknown aggregation mode {mode!r}; valid modes: {', '.join(MODES)}")

@@ -29,8 +29,9 @@ from pathlib import Path
 from asyncrl.controller.checkpoint import CHECKPOINT_DIR
 from asyncrl.controller.pools import Pools, batch_stats
 from asyncrl.controller.run import JobContext, RunResult
-from asyncrl.errors import AsyncrlError
+from asyncrl.errors import AsyncrlError, WorkerLost
 from asyncrl.metrics.report import StepProgress
+from asyncrl.sync.broadcast import WeightSyncTimeout
 from asyncrl.types import Group, TrainBatch
 
 log = logging.getLogger(__name__)
@@ -68,7 +69,7 @@ class Controller:
         batch = TrainBatch.from_groups(groups, self.ctx.tokenizer.pad_token_id)
         train_metrics = await pools.train(batch)
         t2 = time.perf_counter()
-        sync_stats = await pools.sync_weights()
+        sync_stats = await self._sync_weights()
         await pools.data.release_batch(len(groups))
         t3 = time.perf_counter()
         data_stats = await pools.data.stats()
@@ -85,6 +86,23 @@ class Controller:
             "rollout/in_flight": float(pools.rollout.in_flight),
         }
         return record, groups
+
+    async def _sync_weights(self) -> dict[str, float]:
+        """Broadcast; if a worker died (before or during it), replace the dead ones, which also
+        hands every worker the current weights."""
+        pools = self.pools
+        replaced = 0
+        if pools.rollout.lost_workers:
+            replaced = await pools.replace_lost_workers()
+        try:
+            stats = await pools.sync_weights()
+        except (WorkerLost, WeightSyncTimeout) as exc:
+            log.warning("weight sync failed (%s); replacing lost workers", exc)
+            replaced += await pools.replace_lost_workers()
+            if not replaced:
+                raise
+            stats = {}
+        return {**stats, "rollout/workers_replaced": float(replaced)}
 
     async def _next_batch(self, version: int) -> list[Group]:
         cfg = self.ctx.config

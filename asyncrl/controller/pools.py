@@ -7,6 +7,7 @@ in the driver's event loop and talks to them through ActorRefs.
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +17,7 @@ from asyncrl.cluster.actors import ActorRef, kill_all, node_ip, run_in_actor, sp
 from asyncrl.controller.checkpoint import TRAINER_DIR, read_state, write_checkpoint
 from asyncrl.controller.run import JobContext
 from asyncrl.data.manager import DataManager
+from asyncrl.errors import WorkerLost
 from asyncrl.rollout.manager import RolloutManager
 from asyncrl.rollout.worker import RolloutWorker
 from asyncrl.sync.broadcast import WeightBroadcast
@@ -23,6 +25,9 @@ from asyncrl.train.worker import TrainerWorker
 from asyncrl.types import Group, Prompt, Sample, SamplingParams
 
 GREEDY = SamplingParams(temperature=0.0)
+WORKER_PING_TIMEOUT_S = 30.0  # a live worker answers a version query between decoding steps
+
+log = logging.getLogger(__name__)
 
 
 def new_samples(prompt: Prompt, n: int, max_new_tokens: int) -> list[Sample]:
@@ -43,16 +48,13 @@ class Pools:
     prompts: dict[str, Prompt] = field(default_factory=dict)  # in play, for rewards
     trainer_version: int = 0
     _groups_formed: int = 0
+    _workers_spawned: int = 0
 
     @classmethod
     async def start(cls, ctx: JobContext) -> Pools:
         cfg, r = ctx.config, ctx.config.rollout
         model_path = str(ctx.model_path)
-        workers = [
-            spawn(RolloutWorker, model_path, r.engine, seed=cfg.run.seed + 1000 * i,
-                  name=f"{cfg.run.name}/rollout-worker-{i}", num_cpus=r.worker_num_cpus)
-            for i in range(r.num_workers)
-        ]
+        workers = [_spawn_rollout_worker(ctx, i) for i in range(r.num_workers)]
         trainer = spawn(TrainerWorker, model_path, cfg, name=f"{cfg.run.name}/trainer-rank-0",
                         num_cpus=cfg.trainer.num_cpus)
         data = spawn(DataManager, group_size=r.n_samples, max_staleness=cfg.max_staleness,
@@ -79,7 +81,7 @@ class Pools:
             versions_per_batch=cfg.trainer.minibatches, oversample=r.oversample,
         )
         pools = cls(ctx=ctx, workers=workers, trainer=trainer, data=data, rollout=rollout,
-                    prompts=prompts)
+                    prompts=prompts, _workers_spawned=len(workers))
         await pools.form_weight_group()
         return pools
 
@@ -128,19 +130,45 @@ class Pools:
         assert all(v == self.trainer_version for v in versions), (versions, self.trainer_version)
         return stats
 
+    def _spawn_worker(self) -> ActorRef:
+        self._workers_spawned += 1
+        return _spawn_rollout_worker(self.ctx, self._workers_spawned - 1)
+
     async def add_worker(self) -> ActorRef:
         """A worker joining a running job gets the current weights before its first request."""
-        cfg = self.ctx.config
-        index = len(self.workers)
-        worker = spawn(RolloutWorker, str(self.ctx.model_path), cfg.rollout.engine,
-                       seed=cfg.run.seed + 1000 * index,
-                       name=f"{cfg.run.name}/rollout-worker-{index}",
-                       num_cpus=cfg.rollout.worker_num_cpus)
+        worker = self._spawn_worker()
         self.workers.append(worker)
         await self.form_weight_group()
         await self.sync_weights()
         self.rollout.add_worker(worker)
         return worker
+
+    async def replace_lost_workers(self) -> int:
+        """Replace every rollout worker that died (or no longer answers) with a fresh one that
+        receives the current weights; their in-flight samples were already re-queued by the
+        RolloutManager. Returns how many were replaced."""
+        alive, lost = [], []
+        for worker in self.workers:
+            try:
+                await asyncio.wait_for(worker.policy_version(), WORKER_PING_TIMEOUT_S)
+                alive.append(worker)
+            except (WorkerLost, TimeoutError):
+                lost.append(worker)
+        self.rollout.lost_workers.clear()
+        if not lost:
+            return 0
+        log.warning("replacing %d lost rollout worker(s): %s", len(lost),
+                    ", ".join(w.name for w in lost))
+        kill_all(lost)
+        for worker in lost:
+            self.rollout.remove_worker(worker.name)
+        fresh = [self._spawn_worker() for _ in lost]
+        self.workers = alive + fresh
+        await self.form_weight_group()
+        await self.sync_weights()
+        for worker in fresh:
+            self.rollout.add_worker(worker)
+        return len(lost)
 
     async def checkpoint(self, path: Path) -> Path:
         """Save the whole job (call with the producer stopped)."""
@@ -173,6 +201,14 @@ class Pools:
         await self.trainer.save(str(final))
         self.ctx.tokenizer.save_pretrained(final)
         return final
+
+
+def _spawn_rollout_worker(ctx: JobContext, index: int) -> ActorRef:
+    """Worker `index` (never reused: a replacement gets a new index, name and sampling seed)."""
+    cfg = ctx.config
+    return spawn(RolloutWorker, str(ctx.model_path), cfg.rollout.engine,
+                 seed=cfg.run.seed + 1000 * index, name=f"{cfg.run.name}/rollout-worker-{index}",
+                 num_cpus=cfg.rollout.worker_num_cpus)
 
 
 def batch_stats(groups: list[Group], trainer_version: int) -> dict[str, float]:

@@ -64,6 +64,7 @@ class RolloutManager:
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task] = set()
         self.generated_tokens = 0
+        self.lost_workers: list[str] = []  # died since the controller last replaced workers
 
     # --- versions and capacity -------------------------------------------------------------
     def set_trainer_version(self, version: int) -> None:
@@ -121,6 +122,8 @@ class RolloutManager:
         except WorkerLost as exc:
             log.warning("%s; re-queueing its %d samples", exc, len(samples))
             self.remove_worker(name)
+            if name not in self.lost_workers:
+                self.lost_workers.append(name)
             await self._data.requeue_lost(samples)
             return
         finally:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import multiprocessing as mp
 import time
@@ -15,6 +16,7 @@ from asyncrl.sync.broadcast import WeightBroadcast, WeightSyncTimeout
 
 HOST = "127.0.0.1"
 SMALL_BUCKET = 256  # bytes: forces several buckets per dtype
+SENDS = 16  # of the 24 MB mixed model: enough to catch a staging-buffer race (see its test)
 CTX = mp.get_context("spawn")
 
 
@@ -141,20 +143,25 @@ def test_a_late_joiner_gets_the_current_weights_from_a_new_group_in_the_same_pro
         _assert_same(named, current)
 
 
+@functools.cache
+def _mixed_base() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    h = 256
+    layer = {"in_norm": (h,), "q": (h, h), "k": (h // 2, h), "v": (h // 2, h), "o": (h, h),
+             "post_norm": (h,), "gate": (3 * h, h), "up": (3 * h, h), "down": (h, 3 * h)}
+    return {f"layers.{i}.{name}": torch.randn(shape, generator=g)
+            for i in range(8) for name, shape in layer.items()}
+
+
 def _mixed(version: int) -> dict[str, torch.Tensor]:
-    """Per group: a lone tensor larger than a 256 KB bucket (sent in place), then three pairs
-    of small ones (three packed buckets); 16 groups, 64 buckets, about 18 MB."""
-    g = torch.Generator().manual_seed(version)
-    weights = {}
-    for i in range(16):
-        weights[f"big.{i}"] = torch.randn(128 << 10, generator=g)  # 512 KB
-        for j in range(6):
-            weights[f"small.{i}.{j}"] = torch.randn(25 << 10, generator=g)  # 100 KB
-    return weights
+    """Transformer-like layers (hidden 256, 24 MB) that, in 1 MB buckets, interleave packed
+    buckets ([norm, q, k, v, o, norm], [down, next norm]) with lone in-place ones ([gate], [up]);
+    new values (and new tensors) for each version."""
+    return {name: t + version for name, t in _mixed_base().items()}
 
 
 def _checking_receiver(port: int, sends: int, out: mp.Queue) -> None:
-    bc = WeightBroadcast(rank=1, world_size=2, host=HOST, port=port, bucket_bytes=256 << 10,
+    bc = WeightBroadcast(rank=1, world_size=2, host=HOST, port=port, bucket_bytes=1 << 20,
                          timeout_s=30, group_name="mixed")
     for _ in range(sends):
         named, version = bc.receive()
@@ -164,20 +171,20 @@ def _checking_receiver(port: int, sends: int, out: mp.Queue) -> None:
 
 
 def test_staging_buffers_are_not_overwritten_while_a_broadcast_still_reads_them():
-    # In-place and packed buckets alternate, so the two staging slots are reused out of step
-    # with the bucket index; gloo may finish broadcasts out of order. Every send must arrive
-    # intact.
+    # In-place and packed buckets interleave, and gloo (two worker threads) can finish
+    # broadcasts out of order: a staging slot may be refilled only after the very broadcast
+    # that read it is done. (Waiting on "the bucket two back" corrupted 1 send in 8 here.)
     port = WeightBroadcast.free_port()
     queue = CTX.Queue()
-    proc = CTX.Process(target=_checking_receiver, args=(port, 8, queue))
+    proc = CTX.Process(target=_checking_receiver, args=(port, SENDS, queue))
     proc.start()
     try:
         sender = WeightBroadcast(rank=0, world_size=2, host=HOST, port=port,
-                                 bucket_bytes=256 << 10, timeout_s=30, group_name="mixed")
-        for version in range(8):
+                                 bucket_bytes=1 << 20, timeout_s=30, group_name="mixed")
+        for version in range(SENDS):
             stats = sender.send(_mixed(version).items(), policy_version=version)
-        assert stats.buckets == 64
-        assert [queue.get(timeout=30) for _ in range(8)] == [(v, []) for v in range(8)]
+        assert stats.buckets == 32
+        assert [queue.get(timeout=30) for _ in range(SENDS)] == [(v, []) for v in range(SENDS)]
         sender.close()
     finally:
         proc.join(timeout=30)

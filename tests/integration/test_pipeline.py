@@ -127,3 +127,24 @@ async def test_a_worker_joining_late_gets_the_current_weights_before_work(ray_lo
     finally:
         await controller.stop_producer()
         controller.pools.close()
+
+
+async def test_a_killed_rollout_worker_is_replaced_and_no_sample_is_lost(ray_local, tmp_path):
+    import ray
+
+    controller = await _start(_config(tmp_path, "chaos", "mode=async", "max_staleness=1",
+                                      "rollout.max_new_tokens=24"))
+    try:
+        trained = await _train(controller, 2)
+        victim = controller.pools.workers[0]
+        ray.kill(victim.handle, no_restart=True)  # mid-generation: the producer keeps it busy
+        trained += await _train(controller, 4)
+        names = [w.name for w in controller.pools.workers]
+        assert victim.name not in names and len(names) == 2
+        await _assert_weights_equal_trainer(controller.pools)
+        ledger = await _ledger_after_drain(controller)
+    finally:
+        await controller.stop_producer()
+        controller.pools.close()
+    assert ledger["balance"] == 0 and ledger["trained"] == len(trained) == 6 * 16
+    assert max(staleness(s.token_versions, v) for s, v in trained) <= 1
