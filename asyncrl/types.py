@@ -24,6 +24,15 @@ class FinishReason(StrEnum):
     ABORT = "abort"  # interrupted; a partial that may be resumed
 
 
+class DropReason(StrEnum):
+    """Why a sample was not trained; each is a metric label."""
+
+    STALE = "stale"  # its group grew older than η while waiting
+    STALE_PARTIAL = "stale_partial"  # an interrupted answer that could never be trained in time
+    ALL_EQUAL_REWARD = "all_equal_reward"  # dynamic sampling: the group carries no signal
+    REWARD_FAILED = "reward_failed"  # some reward in the group failed (never scored as 0)
+
+
 class RewardStatus(StrEnum):
     OK = "ok"
     FAILED = "failed"

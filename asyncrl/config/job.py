@@ -110,10 +110,12 @@ class AlgorithmConfig(Section):
     """GRPO: divide by the group's reward std."""
     loss: Literal["ppo_clip", "dual_clip", "dapo", "gspo", "cispo"] = "ppo_clip"
     """Policy loss."""
-    clip_low: float = Field(0.2, ge=0)
-    """Lower clip range ε_low of the importance ratio."""
-    clip_high: float = Field(0.2, ge=0)
-    """Upper clip range ε_high (> clip_low is DAPO's clip-higher)."""
+    clip_low: float | None = Field(None, ge=0)
+    """Lower clip range ε_low of the importance ratio. None: the loss's own default (PPO and
+    DAPO 0.2, GSPO 3e-4; CISPO none)."""
+    clip_high: float | None = Field(None, ge=0)
+    """Upper clip range ε_high. None: the loss's own default (PPO 0.2, DAPO 0.28, GSPO 4e-4,
+    CISPO 0.2); above clip_low it is DAPO's clip-higher."""
     aggregation: Literal[
         "token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"
     ] = "token-mean"
@@ -167,6 +169,13 @@ class SyncConfig(Section):
     """Longest wait of any weight-sync step before the run fails with a clear error."""
 
 
+class MetricsConfig(Section):
+    port: int | None = Field(None, ge=0, le=65535)
+    """Serve Prometheus metrics on this port (0: any free port); None: no endpoint."""
+    host: str = "127.0.0.1"
+    """Address of the metrics endpoint; 0.0.0.0 exposes it beyond this machine."""
+
+
 class RunConfig(Section):
     name: str = Field("tiny-sort", pattern=r"^[A-Za-z0-9_.-]+$")
     """Run name; outputs go to output_dir/name."""
@@ -199,6 +208,7 @@ class JobConfig(Section):
     algorithm: AlgorithmConfig = AlgorithmConfig()
     trainer: TrainerConfig = TrainerConfig()
     sync: SyncConfig = SyncConfig()
+    metrics: MetricsConfig = MetricsConfig()
     run: RunConfig = RunConfig()
 
     @model_validator(mode="after")

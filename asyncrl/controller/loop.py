@@ -26,11 +26,14 @@ import signal
 import time
 from pathlib import Path
 
+from asyncrl.algo.staleness import staleness
 from asyncrl.controller.checkpoint import CHECKPOINT_DIR
 from asyncrl.controller.pools import Pools, batch_stats
 from asyncrl.controller.run import JobContext, RunResult
 from asyncrl.errors import AsyncrlError, WorkerLost
+from asyncrl.metrics.names import RunMetrics
 from asyncrl.metrics.report import StepProgress
+from asyncrl.metrics.server import MetricsServer
 from asyncrl.sync.broadcast import WeightSyncTimeout
 from asyncrl.types import Group, TrainBatch
 
@@ -75,6 +78,7 @@ class Controller:
         data_stats = await pools.data.stats()
         record = {
             "policy_version": pools.trainer_version,
+            "train/batch_version": float(version),
             **batch_stats(groups, version),
             **train_metrics,
             **sync_stats,
@@ -82,6 +86,7 @@ class Controller:
             "time/wait_batch_s": t1 - t0,
             "time/train_s": t2 - t1,
             "time/sync_s": t3 - t2,
+            "rollout/step_tokens": float(pools.rollout.generated_tokens - tokens_before),
             "perf/tokens_per_s": (pools.rollout.generated_tokens - tokens_before) / (t3 - t0),
             "rollout/in_flight": float(pools.rollout.in_flight),
         }
@@ -139,6 +144,11 @@ async def run_loop(
     pools = await Pools.start(ctx)
     controller = Controller(pools)
     sigterm = _on_sigterm()
+    metrics = RunMetrics()
+    server = None
+    if cfg.metrics.port is not None:
+        server = MetricsServer(metrics, host=cfg.metrics.host, port=cfg.metrics.port)
+        log.info("Prometheus metrics at %s", server.url)
     try:
         if resume_from is not None:
             await pools.restore(resume_from)
@@ -151,7 +161,7 @@ async def run_loop(
         last = time.perf_counter()
         with StepProgress(cfg.run.steps, f"train ({cfg.mode})") as bar:
             for step in range(start + 1, cfg.run.steps + 1):
-                record, _ = await controller.step()
+                record, groups = await controller.step()
                 if step % cfg.run.eval_every == 0 or step == cfg.run.steps:
                     t0 = time.perf_counter()
                     accuracy = await pools.evaluate()
@@ -165,6 +175,9 @@ async def run_loop(
                            "rollout/generated_tokens": pools.rollout.generated_tokens}
                 last = now
                 ctx.metrics.write(record)
+                version = int(record["train/batch_version"])
+                metrics.observe_step(record, [staleness(s.token_versions, version)
+                                              for g in groups for s in g.samples])
                 if progress:
                     bar.update(step, reward=record["reward/mean"], acc=accuracy,
                                tok_s=record["perf/tokens_per_s"])
@@ -180,6 +193,8 @@ async def run_loop(
     finally:
         await controller.stop_producer()
         pools.close()
+        if server is not None:
+            server.stop()
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             asyncio.get_running_loop().remove_signal_handler(signal.SIGTERM)
     return result

@@ -24,7 +24,7 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
 from asyncrl.algo.staleness import staleness
-from asyncrl.types import FinishReason, Group, Prompt, Sample
+from asyncrl.types import DropReason, FinishReason, Group, Prompt, Sample
 
 
 @dataclass
@@ -44,9 +44,9 @@ class Decision:
 
 def filter_group(group: Group, *, drop_all_equal: bool) -> Decision:
     if any(s.reward is None or not s.reward.ok for s in group.samples):
-        return Decision(False, "reward_failed")
+        return Decision(False, DropReason.REWARD_FAILED)
     if drop_all_equal and len({s.reward.value for s in group.samples}) == 1:
-        return Decision(False, "all_equal_reward")
+        return Decision(False, DropReason.ALL_EQUAL_REWARD)
     return Decision(True)
 
 
@@ -118,7 +118,7 @@ class GroupBuffer:
             _, s = self._partials.popitem(last=False)
             oldest = s.oldest_version
             if oldest is not None and trainer_version - oldest > self.max_staleness:
-                self._drop(1, "stale_partial")
+                self._drop(1, DropReason.STALE_PARTIAL)
                 s = self._fresh_copy(s)
             by_prompt.setdefault(s.prompt_id, []).append(s)
         for samples in by_prompt.values():
@@ -140,7 +140,7 @@ class GroupBuffer:
         fresh: deque[Group] = deque()
         for group in self._ready:
             if group_staleness(group, trainer_version) > self.max_staleness:
-                self._drop(len(group.samples), "stale")
+                self._drop(len(group.samples), DropReason.STALE)
                 self._requeued.append(group.prompt)
             else:
                 fresh.append(group)

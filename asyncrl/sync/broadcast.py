@@ -177,15 +177,23 @@ class WeightBroadcast:
             self._store.set(self._key("send", self._seq),
                             pickle.dumps((self._generation, policy_version)))
         works: list[dist.Work] = []
-        what = "x"
-        for i, bucket in enumerate(self._plan):
+        slot_work: list[dist.Work | None] = [None, None]  # the last broadcast out of each slot
+        packed = 0
+        what = f"sending the buckets of send #{self._seq}"
+        for bucket in self._plan:
             flat = self._in_place(bucket, tensors)
-            if flat is None:
-                if i >= 2:
-                    self._wait(works[i - 2], what)
-                flat = pack(bucket, tensors, self._staging(i % 2, bucket))
+            slot = packed % 2 if flat is None else None
+            if slot is not None:
+                # Gloo can finish broadcasts out of order (two worker threads): wait for the
+                # very broadcast that last read this staging slot before overwriting it.
+                if slot_work[slot] is not None:
+                    self._wait(slot_work[slot], what)
+                flat = pack(bucket, tensors, self._staging(slot, bucket))
+                packed += 1
             with self._bounded(what):
                 works.append(self._pg.broadcast(flat, 0))
+            if slot is not None:
+                slot_work[slot] = works[-1]
         for work in works:
             self._wait(work, what)
         if self._device.type == "cuda":  # nccl's wait only orders streams: time the transfer

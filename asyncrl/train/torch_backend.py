@@ -87,11 +87,9 @@ class TorchBackend:
         return adv_lib.expand_to_tokens(per_seq, batch.loss_mask)
 
     def _loss_kwargs(self) -> dict[str, float]:
-        if self._algo.loss == "dual_clip":
-            return {"clip_low": self._algo.clip_low, "clip_high": self._algo.clip_high}
-        if self._algo.loss == "cispo":
-            return {"clip_high": self._algo.clip_high}
-        return {"clip_low": self._algo.clip_low, "clip_high": self._algo.clip_high}
+        """Clip ranges set in the config; unset ones keep each loss's own default."""
+        clips = {"clip_low": self._algo.clip_low, "clip_high": self._algo.clip_high}
+        return {name: value for name, value in clips.items() if value is not None}
 
     def _micro_loss(self, mb: TrainBatch, tensors: dict[str, torch.Tensor]):
         algo = self._algo

@@ -10,7 +10,7 @@ import torch
 from transformers import AutoTokenizer
 
 from asyncrl.config.job import AlgorithmConfig, TrainerConfig
-from asyncrl.train.torch_backend import TorchBackend
+from asyncrl.train.torch_backend import TorchBackend, lr_factor
 from asyncrl.types import Group, Prompt, Reward, Sample, TrainBatch
 from tests.helpers import save_tiny_model
 
@@ -62,6 +62,18 @@ def test_micro_batching_gives_the_same_update_as_one_big_batch(model_dir, aggreg
     assert changed and whole.policy_version == pieces.policy_version == 1
 
 
+@pytest.mark.parametrize("loss", ["ppo_clip", "dual_clip", "dapo", "gspo", "cispo"])
+@pytest.mark.parametrize("advantage", ["grpo", "dr_grpo", "rloo", "reinforce_pp"])
+def test_every_loss_and_advantage_trains_from_config(model_dir, loss, advantage):
+    backend = TorchBackend(str(model_dir), AlgorithmConfig(loss=loss, advantage=advantage),
+                           TrainerConfig(), temperature=1.0, max_new_tokens=8, total_steps=1,
+                           seed=0)
+    before = {k: v.clone() for k, v in backend.named_weights()}
+    metrics = backend.step(_batch(model_dir))
+    assert all(v == v for v in metrics.values())  # no NaN
+    assert any(not torch.equal(t, before[k]) for k, t in backend.named_weights())
+
+
 def test_minibatches_each_bump_the_version(model_dir):
     backend = _backend(model_dir, minibatches=3)
     backend.step(_batch(model_dir))
@@ -80,3 +92,12 @@ def test_save_and_load_continue_the_same_trajectory(model_dir, tmp_path):
     resumed.step(batch)
     for (name, a), (_, b) in zip(straight.named_weights(), resumed.named_weights(), strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_learning_rate_schedules_hand_worked():
+    linear = lr_factor("linear", total_steps=100, warmup_steps=0, min_ratio=0.1)
+    assert [linear(0), linear(50), linear(100), linear(200)] == pytest.approx([1, 0.55, 0.1, 0.1])
+    cosine = lr_factor("cosine", total_steps=110, warmup_steps=10, min_ratio=0.0)
+    assert [cosine(0), cosine(9), cosine(10), cosine(60), cosine(110)] == pytest.approx(
+        [0.1, 1.0, 1.0, 0.5, 0.0], abs=1e-9)
+    assert lr_factor("constant", total_steps=5, warmup_steps=0, min_ratio=0.1)(4) == 1.0
