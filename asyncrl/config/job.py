@@ -126,9 +126,10 @@ class AlgorithmConfig(Section):
     """KL estimator."""
     entropy_coef: float = Field(0.0, ge=0)
     """Entropy bonus weight."""
-    off_policy_correction: Literal["none", "decoupled", "tis"] = "decoupled"
+    off_policy_correction: Literal["none", "decoupled", "tis", "decoupled_filter"] = "decoupled"
     """Weight each token by min(π_old / π_behaviour, cap): 'decoupled' PPO (stale samples) or
-    'tis' (truncated importance sampling for engine/trainer mismatch)."""
+    'tis' (truncated importance sampling for engine/trainer mismatch); 'decoupled_filter' drops
+    tokens above the cap instead (AReaL's rule)."""
     behaviour_weight_cap: float = Field(2.0, gt=0)
     """Cap of the behaviour importance weight."""
 
