@@ -67,7 +67,16 @@ class DataConfig(Section):
     task_kwargs: dict[str, int | float | str | bool] = {}
     """Keyword arguments for the task (difficulty, lengths)."""
     eval_size: int = Field(200, ge=1)
-    """Held-out prompts for the accuracy evaluation (disjoint seed stream from training)."""
+    """Held-out prompts for the accuracy evaluation (disjoint seed stream from training); with
+    eval_file, at most this many of its lines."""
+    train_file: str | None = None
+    """JSONL of training prompts (one object per line); None: generate them from the task."""
+    eval_file: str | None = None
+    """JSONL of held-out prompts; None: generate them from the task."""
+    prompt_key: str = "prompt"
+    """Field of a JSONL line that holds the prompt text."""
+    answer_key: str = "answer"
+    """Field of a JSONL line that holds the reference answer (given to the reward)."""
     drop_all_equal: bool = False
     """Dynamic sampling (DAPO): drop groups whose rewards are all equal (no learning signal)."""
 

@@ -13,11 +13,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from transformers import AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer
 
 from asyncrl.config import RESOLVED_NAME, JobConfig, dump_resolved, load_config
 from asyncrl.controller.checkpoint import CHECKPOINT_DIR, STATE_FILE
-from asyncrl.data.datasets import ProceduralPrompts, eval_examples, to_prompt
+from asyncrl.data.datasets import (
+    FilePrompts,
+    ProceduralPrompts,
+    eval_examples,
+    read_jsonl,
+    to_prompt,
+    tokenize_checked,
+)
 from asyncrl.data.tasks import TASKS
 from asyncrl.errors import ConfigError
 from asyncrl.metrics.report import MetricsLog
@@ -53,7 +60,7 @@ class JobContext:
     task: Any
     tokenizer: Any
     reward: RewardFn
-    train_prompts: ProceduralPrompts
+    train_prompts: ProceduralPrompts | FilePrompts
     eval_prompts: list[Prompt]
     metrics: MetricsLog
 
@@ -74,6 +81,9 @@ def prepare(config: JobConfig, *, resume: bool = False) -> JobContext:
     `resume` the run directory and its checkpoint are kept and the model is not rebuilt."""
     task = build_task(config)
     reward = build_reward(config.reward.fn, task)
+    data = config.data
+    files = {field: read_jsonl(f"data.{field}", path, data.prompt_key, data.answer_key)
+             for field in ("train_file", "eval_file") if (path := getattr(data, field))}
     run_dir = _run_dir(config, resume=resume)
     dump_resolved(config, run_dir)
     seed = config.run.seed
@@ -85,13 +95,37 @@ def prepare(config: JobConfig, *, resume: bool = False) -> JobContext:
         model_path = prepare_model(config.model, task, seed=seed, exclude=exclude,
                                    out_dir=run_dir / INIT_MODEL)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
+    train_prompts, eval_prompts = _prompt_sources(config, task, tokenizer, model_path, held_out,
+                                                  files)
     return JobContext(
         config=config, run_dir=run_dir, model_path=model_path, task=task, tokenizer=tokenizer,
-        reward=reward,
-        train_prompts=ProceduralPrompts(task, tokenizer, seed, exclude=exclude),
-        eval_prompts=[to_prompt(f"eval-{i}", ex, tokenizer) for i, ex in enumerate(held_out)],
+        reward=reward, train_prompts=train_prompts, eval_prompts=eval_prompts,
         metrics=MetricsLog(run_dir / "metrics.jsonl"),
     )
+
+
+def _prompt_sources(
+    config: JobConfig, task: Any, tokenizer: Any, model_path: Path, held_out: list[Any],
+    files: dict[str, list[Prompt]],
+) -> tuple[ProceduralPrompts | FilePrompts, list[Prompt]]:
+    """Training stream and held-out set: from the JSONL files read in `files` where given,
+    else from the task."""
+    room = (AutoConfig.from_pretrained(model_path).max_position_embeddings
+            - config.rollout.max_new_tokens)
+    if "train_file" in files:
+        rows = tokenize_checked("data.train_file", files["train_file"], tokenizer, room)
+        train = FilePrompts(rows, config.run.seed)
+    else:
+        train = ProceduralPrompts(task, tokenizer, config.run.seed,
+                                  exclude={ex.prompt for ex in held_out})
+    if "eval_file" in files:
+        rows = files["eval_file"][: config.data.eval_size]
+        evals = tokenize_checked("data.eval_file", rows, tokenizer, room)
+        for i, prompt in enumerate(evals):
+            prompt.prompt_id = f"eval-{i}"
+    else:
+        evals = [to_prompt(f"eval-{i}", ex, tokenizer) for i, ex in enumerate(held_out)]
+    return train, evals
 
 
 def _run_dir(config: JobConfig, *, resume: bool) -> Path:

@@ -1,4 +1,5 @@
-"""Prompt sources. Procedural tasks give an endless, seeded, checkpointable stream.
+"""Prompt sources: procedural tasks (an endless, seeded stream) and JSONL files (seeded
+shuffle per epoch). Both are checkpointable by one integer cursor.
 
 Example i of a split is generated from its own RNG seeded by (seed, split, i), so the stream's
 whole state is one integer cursor. Training prompts whose text appears in the held-out set are
@@ -7,9 +8,12 @@ skipped, so held-out accuracy measures generalisation, not memorisation.
 
 from __future__ import annotations
 
+import json
 import random
+from pathlib import Path
 from typing import Any
 
+from asyncrl.errors import ConfigError
 from asyncrl.types import Prompt
 
 
@@ -42,6 +46,79 @@ class ProceduralPrompts:
             example = _example(self._task, self._seed, "train", index)
             if example.prompt not in self._exclude:
                 return to_prompt(f"train-{index}", example, self._tokenizer)
+
+    def take(self, count: int) -> list[Prompt]:
+        return [self.next() for _ in range(count)]
+
+    def state_dict(self) -> dict[str, int]:
+        return {"cursor": self.cursor}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.cursor = state["cursor"]
+
+
+def read_jsonl(field: str, path: str, prompt_key: str, answer_key: str) -> list[Prompt]:
+    """Read and check a JSONL prompt file; errors name the config field, file and line."""
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"{field}: {path!r} does not exist; give the path of a JSONL file")
+    prompts = []
+    for number, line in enumerate(file.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{field}: {path}:{number}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{where}: not valid JSON ({exc.msg}); one object per line") from None
+        if not isinstance(row, dict):
+            raise ConfigError(f"{where}: expected a JSON object, got {type(row).__name__}")
+        text = row.get(prompt_key)
+        if not isinstance(text, str) or not text:
+            raise ConfigError(f"{where}: no non-empty string under {prompt_key!r} "
+                              "(set data.prompt_key to the field that holds the prompt)")
+        answer = row.get(answer_key)
+        metadata = {k: v for k, v in row.items() if k not in (prompt_key, answer_key)}
+        prompts.append(Prompt(prompt_id=f"{path}:{number}", text=text, input_ids=[],
+                              answer=None if answer is None else str(answer), metadata=metadata))
+    if not prompts:
+        raise ConfigError(f"{field}: {path!r} has no prompts")
+    return prompts
+
+
+def tokenize_checked(
+    field: str, prompts: list[Prompt], tokenizer: Any, max_prompt_tokens: int
+) -> list[Prompt]:
+    """Fill input_ids; a prompt that leaves no room for the answer is an error naming its line
+    (prompt ids from read_jsonl are `path:line`)."""
+    for prompt in prompts:
+        prompt.input_ids = tokenizer(prompt.text).input_ids
+        if len(prompt.input_ids) > max_prompt_tokens:
+            raise ConfigError(
+                f"{field}: {prompt.prompt_id}: the prompt has {len(prompt.input_ids)} tokens, "
+                f"more than the {max_prompt_tokens} the model has room for beside "
+                "rollout.max_new_tokens; shorten it or drop the line"
+            )
+    return prompts
+
+
+class FilePrompts:
+    """Training prompts from a file, reshuffled (seeded) every epoch, ids unique per draw."""
+
+    def __init__(self, prompts: list[Prompt], seed: int) -> None:
+        self._prompts, self._seed = prompts, seed
+        self.cursor = 0
+
+    def next(self) -> Prompt:
+        epoch, offset = divmod(self.cursor, len(self._prompts))
+        order = list(range(len(self._prompts)))
+        random.Random(f"{self._seed}/epoch/{epoch}").shuffle(order)
+        source = self._prompts[order[offset]]
+        prompt = Prompt(prompt_id=f"train-{self.cursor}", text=source.text,
+                        input_ids=source.input_ids, answer=source.answer,
+                        metadata=source.metadata)
+        self.cursor += 1
+        return prompt
 
     def take(self, count: int) -> list[Prompt]:
         return [self.next() for _ in range(count)]

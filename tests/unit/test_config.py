@@ -91,6 +91,7 @@ def test_overrides_apply_on_top_of_the_file_and_resolved_config_round_trips(tmp_
         ("reward.fn=nosuch", "reward.fn: unknown name 'nosuch'"),
         ("reward.fn=nosuch_mod:score", "reward.fn: cannot import module 'nosuch_mod'"),
         ("model.path=/nonexistent/model", "model.path: '/nonexistent/model' is not an HF model"),
+        ("data.train_file=/nonexistent.jsonl", "data.train_file: '/nonexistent.jsonl' does not"),
     ],
 )
 def test_cli_reports_config_errors_with_exit_code_2_and_no_traceback(override, expected, tmp_path):
