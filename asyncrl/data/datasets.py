@@ -31,7 +31,25 @@ def to_prompt(prompt_id: str, example: Any, tokenizer: Any) -> Prompt:
                   input_ids=tokenizer(example.prompt).input_ids, answer=example.answer)
 
 
-class ProceduralPrompts:
+class _CursorStream:
+    """A prompt stream whose whole state is one integer cursor; subclasses define `next`."""
+
+    cursor: int = 0
+
+    def next(self) -> Prompt:
+        raise NotImplementedError
+
+    def take(self, count: int) -> list[Prompt]:
+        return [self.next() for _ in range(count)]
+
+    def state_dict(self) -> dict[str, int]:
+        return {"cursor": self.cursor}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.cursor = state["cursor"]
+
+
+class ProceduralPrompts(_CursorStream):
     """An endless stream of training prompts from a procedural task."""
 
     def __init__(self, task: Any, tokenizer: Any, seed: int, exclude: set[str]) -> None:
@@ -46,15 +64,6 @@ class ProceduralPrompts:
             example = _example(self._task, self._seed, "train", index)
             if example.prompt not in self._exclude:
                 return to_prompt(f"train-{index}", example, self._tokenizer)
-
-    def take(self, count: int) -> list[Prompt]:
-        return [self.next() for _ in range(count)]
-
-    def state_dict(self) -> dict[str, int]:
-        return {"cursor": self.cursor}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.cursor = state["cursor"]
 
 
 def read_jsonl(field: str, path: str, prompt_key: str, answer_key: str) -> list[Prompt]:
@@ -102,7 +111,7 @@ def tokenize_checked(
     return prompts
 
 
-class FilePrompts:
+class FilePrompts(_CursorStream):
     """Training prompts from a file, reshuffled (seeded) every epoch, ids unique per draw."""
 
     def __init__(self, prompts: list[Prompt], seed: int) -> None:
@@ -119,12 +128,3 @@ class FilePrompts:
                         metadata=source.metadata)
         self.cursor += 1
         return prompt
-
-    def take(self, count: int) -> list[Prompt]:
-        return [self.next() for _ in range(count)]
-
-    def state_dict(self) -> dict[str, int]:
-        return {"cursor": self.cursor}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.cursor = state["cursor"]
