@@ -68,6 +68,7 @@ class GroupBuffer:
         self._fresh_ids = itertools.count()
         self.started = 0
         self.trained = 0
+        self.resumed = 0  # partials continued from their tokens (not part of the balance)
         self.dropped: dict[str, int] = {}
 
     # --- intake -------------------------------------------------------------------------
@@ -120,6 +121,8 @@ class GroupBuffer:
             if oldest is not None and trainer_version - oldest > self.max_staleness:
                 self._drop(1, DropReason.STALE_PARTIAL)
                 s = self._fresh_copy(s)
+            elif s.response_ids:
+                self.resumed += 1
             by_prompt.setdefault(s.prompt_id, []).append(s)
         for samples in by_prompt.values():
             self.resume(samples)
@@ -181,6 +184,7 @@ class GroupBuffer:
         out = {"started": self.started, "trained": self.trained, "pending": self.pending,
                **{f"dropped/{k}": v for k, v in sorted(self.dropped.items())}}
         out["balance"] = self.started - self.trained - self.pending - sum(self.dropped.values())
+        out["resumed"] = self.resumed
         return out
 
     # --- checkpoint ---------------------------------------------------------------------
@@ -193,6 +197,7 @@ class GroupBuffer:
                        for g in self._groups.values()],
             "partials": partials, "ready": list(self._ready), "requeued": list(self._requeued),
             "started": self.started, "trained": self.trained, "training": self._training,
+            "resumed": self.resumed,
             "dropped": dict(self.dropped),
             "fresh_ids": next(self._fresh_ids),
         }
@@ -206,6 +211,6 @@ class GroupBuffer:
         self._ready, self._requeued = deque(state["ready"]), deque(state["requeued"])
         self._in_flight = {}
         self.started, self.trained = state["started"], state["trained"]
-        self._training = state["training"]
+        self._training, self.resumed = state["training"], state["resumed"]
         self.dropped = dict(state["dropped"])
         self._fresh_ids = itertools.count(state["fresh_ids"])

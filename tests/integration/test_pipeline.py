@@ -106,9 +106,8 @@ async def test_partial_rollouts_account_for_every_sample_and_resume_from_their_t
     dropped = sum(v for k, v in ledger.items() if k.startswith("dropped/"))
     assert ledger["started"] == ledger["trained"] + ledger["pending"] + dropped
     assert ledger["balance"] == 0 and ledger["trained"] == len(trained) == 5 * 16
-    # (c) resumed partials span versions, in order, and stay within η.
-    spanning = [s for s, _ in trained if len(set(s.token_versions)) > 1]
-    assert spanning, "with aborts every step, some trained answers must span weight versions"
+    # (c) aborted answers were resumed from their tokens; versions in order, within η.
+    assert ledger["resumed"] > 0, "with aborts every step, some partials must be resumed"
     for s, version in trained:
         assert s.token_versions == sorted(s.token_versions)
         assert staleness(s.token_versions, version) <= 2

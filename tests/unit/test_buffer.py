@@ -45,7 +45,8 @@ def test_complete_groups_become_a_batch_and_the_ledger_balances():
         samples = _samples(p, 2)
         buf.start_group(p, samples)
         buf.add([_finish(samples[0], 0, 1.0), _finish(samples[1], 0, 0.0)])
-    assert _balanced(buf) == {"started": 6, "trained": 0, "pending": 6, "balance": 0}
+    assert _balanced(buf) == {"started": 6, "trained": 0, "pending": 6, "balance": 0,
+                              "resumed": 0}
     assert buf.pop_batch(4, trainer_version=0) is None  # only 3 ready
     batch = buf.pop_batch(2, trainer_version=0)
     assert [g.prompt.prompt_id for g in batch] == ["p0", "p1"]  # FIFO
@@ -116,6 +117,7 @@ def test_partials_are_resumed_and_hopeless_ones_replaced_by_fresh_samples():
     assert kept.token_versions == [1]  # continues from its tokens
     assert buf.dropped == {"stale_partial": 1}
     assert _balanced(buf)["started"] == 3
+    assert buf.ledger()["resumed"] == 1  # the kept one; the replaced one starts afresh
     buf.add([_finish(fresh, 2, 1.0), _finish(kept, 2, 0.0)])
     assert buf.ready_groups == 1
     _balanced(buf)
