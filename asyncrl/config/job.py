@@ -44,11 +44,11 @@ class TinyModelConfig(Section):
 
 
 class WarmStartConfig(Section):
-    steps: int = Field(45, ge=0)
+    steps: int = Field(25, ge=0)
     """Supervised steps on the task before RL (built-in tiny model only); 0 skips it."""
     batch_size: int = Field(64, ge=1)
     """Examples per supervised step."""
-    lr: float = Field(3e-3, gt=0)
+    lr: float = Field(1e-3, gt=0)
     """Supervised learning rate."""
 
 
@@ -88,13 +88,13 @@ class RolloutConfig(Section):
     """Rollout worker actors, each holding one engine."""
     worker_num_cpus: float = Field(0.5, gt=0)
     """CPUs Ray reserves for each rollout worker."""
-    prompts_per_step: int = Field(16, ge=1)
+    prompts_per_step: int = Field(32, ge=1)
     """Groups (prompts) in one training batch."""
     n_samples: int = Field(8, ge=1)
     """Answers sampled per prompt (the group size)."""
-    max_new_tokens: int = Field(16, ge=1)
+    max_new_tokens: int = Field(8, ge=1)
     """Longest answer, in tokens."""
-    temperature: float = Field(1.0, ge=0)
+    temperature: float = Field(0.7, ge=0)
     """Sampling temperature; logprobs are of softmax(logits / temperature)."""
     top_p: float = Field(1.0, gt=0, le=1)
     """Nucleus sampling threshold (1 disables)."""
@@ -193,9 +193,9 @@ class RunConfig(Section):
     """Directory that holds run directories."""
     seed: int = 0
     """Seed for data, model init, sampling."""
-    steps: int = Field(400, ge=1)
+    steps: int = Field(150, ge=1)
     """Training batches to run."""
-    eval_every: int = Field(50, ge=1)
+    eval_every: int = Field(25, ge=1)
     """Evaluate held-out accuracy every this many steps (and at the start and the end)."""
     num_cpus: int | None = Field(None, ge=1)
     """CPUs for the embedded Ray cluster (None: all of this machine's)."""
