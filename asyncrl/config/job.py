@@ -6,7 +6,7 @@ Every model forbids unknown keys; every field has a docstring (printed by `--hel
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -108,8 +108,49 @@ class RolloutConfig(Section):
 
 
 class RewardConfig(Section):
+    type: Literal["local", "remote"] = "local"
+    """'local': the reward pool runs `fn`; 'remote': it calls a gRPC reward server at `address`
+    (started with `asyncrl serve-reward`)."""
     fn: str = "task"
-    """Reward function: a registered name ('task', 'exact_match') or 'package.module:function'."""
+    """Reward function: a registered name ('task', 'exact_match', ...) or
+    'package.module:function' taking (prompt, response) and returning a float or Reward."""
+    kwargs: dict[str, Any] = {}
+    """Keyword arguments of a built-in reward (e.g. the regex `pattern`)."""
+    address: str | None = None
+    """type=remote: 'host:port' of the reward server."""
+    token_env: str = "ASYNCRL_REWARD_TOKEN"
+    """type=remote: environment variable holding the server's shared-secret token."""
+    tls_ca: str | None = None
+    """type=remote: PEM file of the CA that signed the server's certificate; None: plaintext."""
+    num_workers: int = Field(1, ge=0)
+    """Reward worker actors; 0 scores in the driver process."""
+    num_cpus: float = Field(0.25, ge=0)
+    """CPUs Ray reserves for each reward worker."""
+    concurrency: int = Field(32, ge=1)
+    """Rewards one worker scores at once."""
+    batch_size: int = Field(64, ge=1)
+    """Samples per call to a reward worker."""
+    timeout_s: float = Field(60.0, gt=0)
+    """Longest one reward may take; past it the sample's reward fails with reason 'timeout'."""
+    retries: int = Field(2, ge=0)
+    """Further attempts of a batch after a failed call (a lost worker is replaced first)."""
+    backoff_s: float = Field(0.5, ge=0)
+    """Wait before the first retry; doubled at each further one."""
+    on_failure: Literal["drop_group", "score"] = "drop_group"
+    """A failed reward (timeout, crash, error): 'drop_group' drops its group (counted under
+    data/dropped/reward_failed); 'score' gives it `failure_value`. Either way it is counted in
+    reward/failures/<reason>."""
+    failure_value: float = 0.0
+    """The reward a failure gets under on_failure='score'."""
+
+    @model_validator(mode="after")
+    def _remote_needs_address(self) -> RewardConfig:
+        if self.type == "remote" and not self.address:
+            raise ValueError("type 'remote' needs address: set reward.address=HOST:PORT")
+        if self.type == "local" and self.address:
+            raise ValueError("address is only used with type 'remote': set reward.type=remote "
+                             "or drop reward.address")
+        return self
 
 
 class AlgorithmConfig(Section):

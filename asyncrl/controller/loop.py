@@ -83,6 +83,7 @@ class Controller:
             **train_metrics,
             **sync_stats,
             **{f"data/{k}": float(v) for k, v in data_stats.items()},
+            **pools.reward.stats(),
             "time/wait_batch_s": t1 - t0,
             "time/train_s": t2 - t1,
             "time/sync_s": t3 - t2,

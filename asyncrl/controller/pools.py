@@ -13,11 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from asyncrl.algo.staleness import staleness
-from asyncrl.cluster.actors import ActorRef, kill_all, node_ip, run_in_actor, spawn
+from asyncrl.cluster.actors import ActorRef, LocalRef, kill_all, node_ip, run_in_actor, spawn
 from asyncrl.controller.checkpoint import TRAINER_DIR, read_state, write_checkpoint
 from asyncrl.controller.run import JobContext
 from asyncrl.data.manager import DataManager
 from asyncrl.errors import WorkerLost
+from asyncrl.reward.pool import RewardPool, RewardWorker, pool_call_timeout
 from asyncrl.rollout.manager import RolloutManager
 from asyncrl.rollout.worker import RolloutWorker
 from asyncrl.sync.broadcast import WeightBroadcast
@@ -45,6 +46,7 @@ class Pools:
     trainer: ActorRef
     data: ActorRef
     rollout: RolloutManager
+    reward: RewardPool
     prompts: dict[str, Prompt] = field(default_factory=dict)  # in play, for rewards
     trainer_version: int = 0
     _groups_formed: int = 0
@@ -67,11 +69,10 @@ class Pools:
             prompts[prompt.prompt_id] = prompt
             return prompt
 
+        reward = _reward_pool(ctx)
+
         async def score(samples: list[Sample]) -> None:
-            rewards = await asyncio.gather(
-                *(ctx.reward.score(prompts[s.prompt_id], s.response_text) for s in samples))
-            for s, reward in zip(samples, rewards, strict=True):
-                s.reward = reward
+            await reward.score(samples, prompts)
 
         rollout = RolloutManager(
             workers, data, next_prompt=next_prompt,
@@ -81,12 +82,13 @@ class Pools:
             versions_per_batch=cfg.trainer.minibatches, oversample=r.oversample,
         )
         pools = cls(ctx=ctx, workers=workers, trainer=trainer, data=data, rollout=rollout,
-                    prompts=prompts, _workers_spawned=len(workers))
+                    reward=reward, prompts=prompts, _workers_spawned=len(workers))
         await pools.form_weight_group()
         return pools
 
     def close(self) -> None:
-        kill_all([*self.workers, self.trainer, self.data])
+        reward_actors = [w for w in self.reward.workers if isinstance(w, ActorRef)]
+        kill_all([*self.workers, self.trainer, self.data, *reward_actors])
 
     async def evaluate(self) -> float:
         """Held-out greedy exact-match accuracy, scored by the task itself."""
@@ -201,6 +203,26 @@ class Pools:
         await self.trainer.save(str(final))
         self.ctx.tokenizer.save_pretrained(final)
         return final
+
+
+def _reward_pool(ctx: JobContext) -> RewardPool:
+    """Reward workers as actors, or one in the driver's process when reward.num_workers is 0."""
+    cfg = ctx.config.reward
+    options = dict(concurrency=cfg.concurrency, timeout_s=cfg.timeout_s)
+
+    def spawn_worker(index: int) -> ActorRef | LocalRef:
+        if cfg.num_workers == 0:
+            return LocalRef(RewardWorker(ctx.reward, **options), "reward-worker-local")
+        return spawn(RewardWorker, ctx.reward, name=f"{ctx.config.run.name}/reward-worker-{index}",
+                     num_cpus=cfg.num_cpus, **options)
+
+    return RewardPool(
+        spawn_worker, num_workers=max(cfg.num_workers, 1), batch_size=cfg.batch_size,
+        call_timeout_s=pool_call_timeout(cfg.timeout_s, cfg.batch_size, cfg.concurrency),
+        retries=cfg.retries, backoff_s=cfg.backoff_s, on_failure=cfg.on_failure,
+        failure_value=cfg.failure_value,
+        kill=(lambda ref: kill_all([ref])) if cfg.num_workers else None,
+    )
 
 
 def _spawn_rollout_worker(ctx: JobContext, index: int) -> ActorRef:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +30,7 @@ from asyncrl.data.tasks import TASKS
 from asyncrl.errors import ConfigError
 from asyncrl.metrics.report import MetricsLog
 from asyncrl.models.prepare import prepare_model
-from asyncrl.reward import RewardFn, build_reward
+from asyncrl.reward.pool import RewardSpec
 from asyncrl.types import Prompt
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,7 @@ class JobContext:
     model_path: Path
     task: Any
     tokenizer: Any
-    reward: RewardFn
+    reward: RewardSpec
     train_prompts: ProceduralPrompts | FilePrompts
     eval_prompts: list[Prompt]
     metrics: MetricsLog
@@ -76,11 +77,32 @@ def build_task(config: JobConfig) -> Any:
         raise ConfigError(f"data.task_kwargs: {exc}") from None
 
 
+def reward_spec(config: JobConfig, task: Any) -> RewardSpec:
+    """What the reward workers build; checked here by building it once in the driver."""
+    r = config.reward
+    if r.type == "remote":
+        token = os.environ.get(r.token_env)
+        if not token:
+            raise ConfigError(
+                f"reward.token_env: environment variable {r.token_env!r} is not set; export the "
+                "reward server's token in it (or point reward.token_env at the variable holding it)"
+            )
+        return RewardSpec(fn=r.fn, remote=dict(
+            address=r.address, token=token, tls_ca=r.tls_ca, timeout_s=r.timeout_s))
+    spec = RewardSpec(fn=r.fn, task=task, kwargs=dict(r.kwargs))
+    close = getattr(spec(), "close", None)  # a reward may own processes: release the probe's
+    if close is not None:
+        out = close()
+        if asyncio.iscoroutine(out):
+            asyncio.run(out)
+    return spec
+
+
 def prepare(config: JobConfig, *, resume: bool = False) -> JobContext:
     """Resolve the job in the driver. A fresh run replaces an earlier run of the same name; with
     `resume` the run directory and its checkpoint are kept and the model is not rebuilt."""
     task = build_task(config)
-    reward = build_reward(config.reward.fn, task)
+    reward = reward_spec(config, task)
     data = config.data
     files = {field: read_jsonl(f"data.{field}", path, data.prompt_key, data.answer_key)
              for field in ("train_file", "eval_file") if (path := getattr(data, field))}

@@ -14,6 +14,8 @@ from asyncrl.types import DropReason
 
 STALENESS_BUCKETS = (0, 1, 2, 3, 4, 6, 8, 16)
 PHASES = ("wait_batch", "train", "sync", "eval")
+# Series shown at 0 from the start; any other reason a reward reports appears when first seen.
+COMMON_REWARD_FAILURES = ("timeout", "error", "crash", "remote", "pool")
 
 
 class RunMetrics:
@@ -47,7 +49,14 @@ class RunMetrics:
             "asyncrl_weight_sync_seconds", "Trainer-side weight broadcast time", registry=r)
         self.sync_bytes = Counter(
             "asyncrl_weight_sync_bytes", "Bytes of weights broadcast", registry=r)
-        self._dropped_seen: dict[str, float] = {}
+        self.reward_failures = Counter(
+            "asyncrl_reward_failures", "Failed rewards (timeout, crash, error...), by reason",
+            ["reason"], registry=r)
+        for reason in COMMON_REWARD_FAILURES:
+            self.reward_failures.labels(reason)
+        self.rewards_scored = Counter(
+            "asyncrl_reward_scored_samples", "Samples scored by the reward pool", registry=r)
+        self._seen: dict[str, float] = {}  # last cumulative value of each counter-like key
 
     def observe_step(self, record: dict[str, float], staleness: Iterable[int]) -> None:
         self.policy_version.set(record["policy_version"])
@@ -58,11 +67,14 @@ class RunMetrics:
         for value in staleness:
             self.staleness.observe(value)
             self.trained_samples.inc()
-        for key, total in record.items():
+        for key, total in record.items():  # cumulative totals in the record → counter increments
             if key.startswith("data/dropped/"):
-                reason = key.removeprefix("data/dropped/")
-                self.dropped.labels(reason).inc(total - self._dropped_seen.get(reason, 0.0))
-                self._dropped_seen[reason] = total
+                self.dropped.labels(key.removeprefix("data/dropped/")).inc(self._delta(key, total))
+            elif key.startswith("reward/failures/"):
+                reason = key.removeprefix("reward/failures/")
+                self.reward_failures.labels(reason).inc(self._delta(key, total))
+            elif key == "reward/scored":
+                self.rewards_scored.inc(self._delta(key, total))
         if record.get("reward/mean") == record.get("reward/mean"):  # not NaN
             self.reward_mean.set(record["reward/mean"])
         if "eval/accuracy" in record:
@@ -72,3 +84,8 @@ class RunMetrics:
         if "sync/send_s" in record:
             self.sync_seconds.observe(record["sync/send_s"])
             self.sync_bytes.inc(record["sync/bytes"])
+
+    def _delta(self, key: str, total: float) -> float:
+        delta = total - self._seen.get(key, 0.0)
+        self._seen[key] = total
+        return delta

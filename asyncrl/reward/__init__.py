@@ -63,9 +63,12 @@ class FunctionReward:
 BUILTIN_REWARDS = {"task": TaskReward, "exact_match": ExactMatchReward}
 
 
-def build_reward(spec: str, task: Any) -> RewardFn:
+def build_reward(spec: str, task: Any, kwargs: dict[str, Any] | None = None) -> RewardFn:
     """Resolve `reward.fn` (checked in the driver before any actor starts)."""
     target = resolve("reward.fn", spec, BUILTIN_REWARDS)
+    if kwargs:
+        raise PluginError(f"reward.kwargs: {spec!r} takes no keyword arguments "
+                          f"(got {', '.join(sorted(kwargs))}); remove reward.kwargs")
     if target is TaskReward:
         return TaskReward(task)
     if target is ExactMatchReward:
