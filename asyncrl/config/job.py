@@ -242,6 +242,8 @@ class RunConfig(Section):
     """CPUs for the embedded Ray cluster (None: all of this machine's)."""
     checkpoint_every: int = Field(0, ge=0)
     """Save a whole-job checkpoint every this many steps into run_dir/checkpoint (0: never)."""
+    keep_checkpoints: int = Field(2, ge=1)
+    """How many of the newest checkpoints to keep (older ones are deleted)."""
     batch_timeout_s: float = Field(600.0, gt=0)
     """Longest the trainer waits for one batch before the run fails with a clear error."""
 

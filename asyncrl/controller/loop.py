@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 from asyncrl.algo.staleness import staleness
-from asyncrl.controller.checkpoint import CHECKPOINT_DIR
+from asyncrl.controller.checkpoint import checkpoint_path
 from asyncrl.controller.pools import Pools, batch_stats
 from asyncrl.controller.run import JobContext, RunResult
 from asyncrl.errors import AsyncrlError, WorkerLost
@@ -64,6 +64,7 @@ class Controller:
         tokens_before = pools.rollout.generated_tokens
         version = pools.trainer_version
         groups = await self._next_batch(version)
+        groups.sort(key=lambda g: g.prompt.prompt_id)  # arrival order is timing: keep it out
         t1 = time.perf_counter()
         if cfg.rollout.partial:
             await pools.rollout.abort_in_flight()
@@ -129,10 +130,10 @@ class Controller:
                 "raise run.batch_timeout_s or check the reward"
             ) from None
 
-    async def checkpoint(self) -> Path:
-        """Pause admission, save the whole job, resume admission."""
+    async def checkpoint(self, step: int) -> Path:
+        """Pause admission, save the whole job after `step`, resume admission."""
         await self.stop_producer()
-        path = await self.pools.checkpoint(self.ctx.run_dir / CHECKPOINT_DIR)
+        path = await self.pools.checkpoint(checkpoint_path(self.ctx.run_dir, step))
         self.start_producer()
         return path
 
@@ -170,7 +171,7 @@ async def run_loop(
                     record |= {"eval/accuracy": accuracy, "time/eval_s": time.perf_counter() - t0}
                 if sigterm.is_set() or (cfg.run.checkpoint_every
                                         and step % cfg.run.checkpoint_every == 0):
-                    await controller.checkpoint()
+                    await controller.checkpoint(step)
                 now = time.perf_counter()
                 record |= {"step": step, "time/step_s": now - last,
                            "rollout/generated_tokens": pools.rollout.generated_tokens}

@@ -14,7 +14,13 @@ from pathlib import Path
 
 from asyncrl.algo.staleness import staleness
 from asyncrl.cluster.actors import ActorRef, LocalRef, kill_all, node_ip, run_in_actor, spawn
-from asyncrl.controller.checkpoint import TRAINER_DIR, read_state, write_checkpoint
+from asyncrl.controller.checkpoint import (
+    TRAINER_DIR,
+    load_rng_state,
+    read_state,
+    save_rng_state,
+    write_checkpoint,
+)
 from asyncrl.controller.run import JobContext
 from asyncrl.data.manager import DataManager
 from asyncrl.errors import WorkerLost
@@ -183,13 +189,16 @@ class Pools:
 
         async def save_trainer(directory: Path) -> None:
             await self.trainer.save(str(directory))
+            await run_in_actor(self.trainer, save_rng_state, str(directory))
 
-        return await write_checkpoint(path, save_trainer=save_trainer, state=state)
+        return await write_checkpoint(path, save_trainer=save_trainer, state=state,
+                                      keep=self.ctx.config.run.keep_checkpoints)
 
     async def restore(self, path: Path) -> None:
         """Load a checkpoint into freshly started pools; workers get the restored weights."""
         state = read_state(path)
         await self.trainer.load(str(path / TRAINER_DIR))
+        await run_in_actor(self.trainer, load_rng_state, str(path / TRAINER_DIR))
         await self.data.load_state_dict(state["data"])
         self.ctx.train_prompts.load_state_dict(state["prompt_cursor"])
         self.prompts.update(state["prompts"])

@@ -17,7 +17,7 @@ from typing import Any
 from transformers import AutoConfig, AutoTokenizer
 
 from asyncrl.config import RESOLVED_NAME, JobConfig, dump_resolved, load_config
-from asyncrl.controller.checkpoint import CHECKPOINT_DIR, STATE_FILE
+from asyncrl.controller.checkpoint import latest_checkpoint
 from asyncrl.data.datasets import (
     FilePrompts,
     ProceduralPrompts,
@@ -153,9 +153,9 @@ def _prompt_sources(
 def _run_dir(config: JobConfig, *, resume: bool) -> Path:
     run_dir = Path(config.run.output_dir) / config.run.name
     if resume:
-        if not (run_dir / CHECKPOINT_DIR / STATE_FILE).is_file():
+        if latest_checkpoint(run_dir) is None:
             raise ConfigError(
-                f"--resume: {str(run_dir)!r} has no checkpoint ({CHECKPOINT_DIR}/{STATE_FILE}); "
+                f"--resume: {str(run_dir)!r} has no checkpoint (checkpoint/step-*/); "
                 "runs save one every run.checkpoint_every steps and when stopped by SIGTERM"
             )
         return run_dir
@@ -189,7 +189,7 @@ def run(
     from asyncrl.controller.loop import run_loop
 
     ctx = prepare(config, resume=resume)
-    resume_from = ctx.run_dir / CHECKPOINT_DIR if resume else None
+    resume_from = latest_checkpoint(ctx.run_dir) if resume else None
     started = init_ray(
         address=address, num_cpus=config.run.num_cpus, namespace=f"asyncrl-{config.run.name}"
     )

@@ -336,3 +336,46 @@ async def test_engine_logprobs_equal_the_torch_trainers_recomputed_logprobs(
     recomputed = trainer.logprobs(batch)
     error = ((recomputed - batch.rollout_logprobs).abs() * batch.loss_mask).max()
     assert float(error) <= TOLERANCE
+
+
+async def test_sampling_depends_only_on_seed_sample_and_position_not_on_batching(
+    model_dir, tokenizer
+):
+    # Same samples, once all together and once one by one in reverse order, with an abort and
+    # resume in between: every sample gets the same tokens (the run repeats whatever the timing).
+    together = make_samples(tokenizer, PROMPTS, n=3, max_new_tokens=12)
+    engine = CpuEngine(str(model_dir), seed=7)
+    await engine.generate(together, SamplingParams(temperature=1.0))
+    await engine.close()
+
+    apart = make_samples(tokenizer, PROMPTS, n=3, max_new_tokens=12)
+    engine = CpuEngine(str(model_dir), seed=7)
+    first = asyncio.create_task(engine.generate(apart[:1], SamplingParams(temperature=1.0)))
+    await _until_tokens(apart[:1], 3)
+    await engine.abort([apart[0].sample_id])
+    await first
+    for sample in reversed(apart):
+        await engine.generate([sample], SamplingParams(temperature=1.0))
+    await engine.close()
+    assert [s.response_ids for s in apart] == [s.response_ids for s in together]
+
+    engine = CpuEngine(str(model_dir), seed=8)  # another seed draws other tokens
+    other = make_samples(tokenizer, PROMPTS, n=3, max_new_tokens=12)
+    await engine.generate(other, SamplingParams(temperature=1.0))
+    await engine.close()
+    assert [s.response_ids for s in other] != [s.response_ids for s in together]
+
+
+async def test_first_tokens_follow_the_models_distribution(engine, model_dir, tokenizer):
+    # 4000 samples of one prompt: the empirical first-token frequencies match softmax(logits)
+    # within 4 standard errors (inverse-CDF sampling is exact, filtered or not).
+    samples = make_samples(tokenizer, ["sort:4213="], n=4000, max_new_tokens=1)
+    await engine.generate(samples, SamplingParams(temperature=1.0))
+    counts = torch.bincount(torch.tensor([s.response_ids[0] for s in samples]),
+                            minlength=len(tokenizer)).double()
+    ids = torch.tensor([samples[0].prompt_ids])
+    with torch.no_grad():
+        probs = torch.softmax(_load(model_dir)(input_ids=ids).logits[0, -1].double(), -1)
+    probs = probs[: len(counts)]
+    stderr = (probs * (1 - probs) / 4000).sqrt()
+    assert ((counts / 4000 - probs).abs() <= 4 * stderr + 1e-3).all()

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -97,7 +98,9 @@ class CpuEngine:
         eos_token_id: the token that ends a sample; default: every EOS id of the model's config
             and generation config.
         pad_token_id: filler for left padding (never attended to); default from the config.
-        seed: seeds the sampling generator.
+        seed: seeds sampling. Each token's draw depends only on (seed, sample id, position), not
+            on which rows share the batch or when a request arrived, so a run repeats exactly
+            (and a resumed sample continues as it would have) whatever the timing.
         max_batch_size: rows decoded together; further samples wait in a queue.
         dtype: torch dtype name of the weights ("float32" for logprobs that match the trainer).
         device: torch device of the model and cache.
@@ -129,7 +132,7 @@ class CpuEngine:
                         model_path)
         # Tied weights appear under several names (lm_head.weight and embed_tokens.weight).
         self._weights = self.model.state_dict(keep_vars=True)
-        self._generator = torch.Generator(device=self._device).manual_seed(seed)
+        self._seed = seed
         self._max_batch = max_batch_size
         self._version = 0
         self._queue: list[_Row] = []
@@ -294,8 +297,10 @@ class CpuEngine:
     def _step(self) -> None:
         """Sample one token per row, retire finished rows, run the next forward on the rest."""
         batch = self._batch
+        uniforms = [_uniform(self._seed, r.sample.sample_id, len(r.sample.response_ids))
+                    for r in batch.rows]
         tokens, logprobs = _sample(batch.logits, [r.request.params for r in batch.rows],
-                                   self._generator)
+                                   torch.tensor(uniforms, device=batch.logits.device))
         keep = []
         for i, (row, tok, lp) in enumerate(zip(batch.rows, tokens.tolist(), logprobs.tolist(),
                                                strict=True)):
@@ -334,13 +339,23 @@ class CpuEngine:
                                  f"the model's is {tuple(self._weights[name].shape)}")
 
 
+def _uniform(seed: int, sample_id: str, position: int) -> float:
+    """A uniform draw in [0, 1) fixed by (seed, sample, position): a keyed hash, not a stream."""
+    digest = hashlib.blake2b(f"{seed}/{sample_id}/{position}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 2.0**64
+
+
 def _sample(
-    logits: torch.Tensor, params: list[SamplingParams], generator: torch.Generator
+    logits: torch.Tensor, params: list[SamplingParams], uniforms: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Next token per row and its logprob under softmax(logits / T) (T = 1 for greedy rows).
 
+    Sampling is by inverse CDF: row i takes the first token whose cumulative probability
+    exceeds uniforms[i] (an exact sampler; tokens filtered out have zero mass, so never win).
+
     Args:
         logits: [B, V] float32.
+        uniforms: [B] float64 draws in [0, 1).
     Returns:
         tokens [B] int64 and logprobs [B] float32.
     """
@@ -351,8 +366,10 @@ def _sample(
     tokens = logits.argmax(-1)
     if not bool(greedy.all()):
         filtered = _top_k_top_p(scaled, params)
-        sampled = torch.multinomial(torch.softmax(filtered, dim=-1), 1, generator=generator)
-        tokens = torch.where(greedy, tokens, sampled[:, 0])
+        cdf = torch.softmax(filtered, dim=-1).double().cumsum(-1)
+        target = (uniforms * cdf[:, -1])[:, None]
+        sampled = torch.searchsorted(cdf, target, right=True)[:, 0].clamp_max(cdf.shape[1] - 1)
+        tokens = torch.where(greedy, tokens, sampled)
     return tokens, logprobs.gather(-1, tokens[:, None])[:, 0]
 
 
