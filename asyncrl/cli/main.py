@@ -1,4 +1,4 @@
-"""`asyncrl` command line: `asyncrl train [CONFIG] [--set a.b=c ...]`.
+"""`asyncrl` command line: `asyncrl train [CONFIG] [--set a.b=c ...]`, `asyncrl serve-reward`.
 
 User errors (AsyncrlError) print one message and exit with code 2; --debug shows the traceback.
 """
@@ -6,13 +6,15 @@ User errors (AsyncrlError) print one message and exit with code 2; --debug shows
 from __future__ import annotations
 
 import argparse
+import asyncio
+import json
 import logging
 import os
 import sys
 from importlib import resources
 from pathlib import Path
 
-from asyncrl.errors import AsyncrlError
+from asyncrl.errors import AsyncrlError, ConfigError
 
 DEFAULT_RECIPE = "tiny.yaml"
 EXIT_TERMINATED = 143  # 128 + SIGTERM, as a shell reports a terminated process
@@ -31,7 +33,37 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or embedded)")
     train.add_argument("--debug", action="store_true", help="show tracebacks of user errors")
     train.add_argument("-q", "--quiet", action="store_true", help="only warnings and the summary")
+    _add_serve_reward(sub)
     return parser
+
+
+def _add_serve_reward(sub: argparse._SubParsersAction) -> None:
+    serve = sub.add_parser(
+        "serve-reward", help="serve a reward function over gRPC until SIGTERM/SIGINT",
+        description="Serve a reward over gRPC (Score, ScoreBatch, grpc.health.v1). Every RPC "
+                    "must carry 'authorization: Bearer <token>'; there is no unauthenticated mode.")
+    serve.add_argument("--fn", required=True, metavar="NAME",
+                       help="a registered reward name, or 'package.module:function' taking "
+                            "(prompt, response) and returning a float or Reward")
+    serve.add_argument("--port", type=int, required=True, help="TCP port; 0 picks a free one")
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address to bind (default 127.0.0.1; 0.0.0.0 exposes it, use TLS)")
+    token = serve.add_mutually_exclusive_group()
+    token.add_argument("--token-env", metavar="VAR", help="environment variable holding the token")
+    token.add_argument("--token-file", metavar="PATH", help="file holding the token")
+    serve.add_argument("--tls-cert", metavar="PEM", help="server certificate (with --tls-key)")
+    serve.add_argument("--tls-key", metavar="PEM", help="server private key (with --tls-cert)")
+    serve.add_argument("--kwargs", default="{}", metavar="JSON",
+                       help='keyword arguments of the reward, a JSON object, e.g. \'{"k": 1}\'')
+    serve.add_argument("--task", default="sort_digits",
+                       help="procedural task whose scorer `--fn task` uses (default sort_digits)")
+    serve.add_argument("--max-concurrency", type=int, default=64,
+                       help="rewards scored at once (default 64)")
+    serve.add_argument("--timeout-s", type=float, default=None,
+                       help="longest one reward may take; past it the reward fails with status "
+                            "timeout (default: no limit beyond the client's deadline)")
+    serve.add_argument("--debug", action="store_true", help="show tracebacks of user errors")
+    serve.add_argument("-q", "--quiet", action="store_true", help="only warnings")
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -55,6 +87,53 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve_token(args: argparse.Namespace) -> str:
+    if args.token_env:
+        token = os.environ.get(args.token_env, "").strip()
+        if not token:
+            raise ConfigError(f"--token-env: environment variable {args.token_env!r} is not set "
+                              "or empty; export the token in it")
+        return token
+    if args.token_file:
+        try:
+            token = Path(args.token_file).read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"--token-file: cannot read {args.token_file} ({exc.strerror})"
+                              ) from None
+        if not token:
+            raise ConfigError(f"--token-file: {args.token_file} is empty")
+        return token
+    raise ConfigError("serve-reward needs a token: pass --token-env VAR or --token-file PATH "
+                      "(clients send it as 'authorization: Bearer <token>')")
+
+
+def _serve_reward(args: argparse.Namespace) -> int:
+    from asyncrl.data.tasks import TASKS
+    from asyncrl.reward import build_reward
+    from asyncrl.reward.remote.server import RewardServer, serve_until_signal
+
+    token = _serve_token(args)
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise ConfigError("--tls-cert and --tls-key go together: pass both, or neither")
+    try:
+        kwargs = json.loads(args.kwargs)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"--kwargs: not valid JSON ({exc})") from None
+    if not isinstance(kwargs, dict):
+        raise ConfigError(f"--kwargs: expected a JSON object, got {args.kwargs!r}")
+    if args.task not in TASKS:
+        raise ConfigError(f"--task: unknown task {args.task!r}; known: {', '.join(sorted(TASKS))}")
+    reward = build_reward(args.fn, TASKS[args.task](), kwargs)
+    tls = (args.tls_cert, args.tls_key) if args.tls_cert else None
+    server = RewardServer(reward, token=token, host=args.host, port=args.port, tls=tls,
+                          max_concurrency=args.max_concurrency, timeout_s=args.timeout_s)
+    mode = "TLS" if tls else "plaintext"
+    asyncio.run(serve_until_signal(server, on_ready=lambda address: print(
+        f"serving reward {args.fn} on {address} ({mode}); stop with SIGTERM or Ctrl-C",
+        flush=True)))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -63,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
-        return _train(args)
+        return _serve_reward(args) if args.command == "serve-reward" else _train(args)
     except AsyncrlError as exc:
         if args.debug:
             raise

@@ -78,7 +78,8 @@ def build_task(config: JobConfig) -> Any:
 
 
 def reward_spec(config: JobConfig, task: Any) -> RewardSpec:
-    """What the reward workers build; checked here by building it once in the driver."""
+    """What the reward workers build; checked here by building it once in the driver (a
+    remote reward must answer its health check with the token)."""
     r = config.reward
     if r.type == "remote":
         token = os.environ.get(r.token_env)
@@ -87,15 +88,25 @@ def reward_spec(config: JobConfig, task: Any) -> RewardSpec:
                 f"reward.token_env: environment variable {r.token_env!r} is not set; export the "
                 "reward server's token in it (or point reward.token_env at the variable holding it)"
             )
-        return RewardSpec(fn=r.fn, remote=dict(
-            address=r.address, token=token, tls_ca=r.tls_ca, timeout_s=r.timeout_s))
-    spec = RewardSpec(fn=r.fn, task=task, kwargs=dict(r.kwargs))
-    close = getattr(spec(), "close", None)  # a reward may own processes: release the probe's
-    if close is not None:
-        out = close()
-        if asyncio.iscoroutine(out):
-            asyncio.run(out)
+        spec = RewardSpec(fn=r.fn, remote=dict(
+            address=r.address, token=token, tls_ca=r.tls_ca, timeout_s=r.timeout_s,
+            retries=r.retries, backoff_s=r.backoff_s,
+            token_source=f"${r.token_env} (reward.token_env)"))
+    else:
+        spec = RewardSpec(fn=r.fn, task=task, kwargs=dict(r.kwargs))
+    asyncio.run(_probe(spec()))
     return spec
+
+
+async def _probe(reward: Any) -> None:
+    try:
+        check = getattr(reward, "check", None)
+        if check is not None:
+            await check()
+    finally:  # a reward may own processes or channels: release the probe's
+        close = getattr(reward, "close", None)
+        if close is not None and asyncio.iscoroutine(out := close()):
+            await out
 
 
 def prepare(config: JobConfig, *, resume: bool = False) -> JobContext:

@@ -14,7 +14,7 @@ PACKAGE = Path(asyncrl.__file__).parent
 # stack → the package prefixes allowed to import it
 ALLOWED = {
     "ray": ("asyncrl/cluster/", "asyncrl/controller/"),
-    "grpc": ("asyncrl/reward/grpc/",),
+    "grpc": ("asyncrl/reward/remote/",),
     "vllm": ("asyncrl/rollout/engine/vllm.py",),
     "megatron": ("asyncrl/train/megatron/",),
 }
