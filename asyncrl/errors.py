@@ -15,3 +15,7 @@ class PluginError(AsyncrlError):
 
 class WorkerLost(AsyncrlError):
     """A peer actor died; its in-flight work must be re-queued."""
+
+
+class TrainerLost(AsyncrlError):
+    """The trainer actor died; the job restarts from its newest checkpoint."""

@@ -244,6 +244,8 @@ class RunConfig(Section):
     """Save a whole-job checkpoint every this many steps into run_dir/checkpoint (0: never)."""
     keep_checkpoints: int = Field(2, ge=1)
     """How many of the newest checkpoints to keep (older ones are deleted)."""
+    max_restarts: int = Field(3, ge=0)
+    """Times the job restarts from its newest checkpoint after losing the trainer actor."""
     batch_timeout_s: float = Field(600.0, gt=0)
     """Longest the trainer waits for one batch before the run fails with a clear error."""
 

@@ -95,21 +95,19 @@ class Controller:
         return record, groups
 
     async def _sync_weights(self) -> dict[str, float]:
-        """Broadcast; if a worker died (before or during it), replace the dead ones, which also
-        hands every worker the current weights."""
+        """Broadcast; if a worker died (before or during it), replace the dead ones and rebuild
+        the group, which also hands every worker the current weights."""
         pools = self.pools
-        replaced = 0
+        before = pools.workers_replaced
         if pools.rollout.lost_workers:
-            replaced = await pools.replace_lost_workers()
+            await pools.replace_lost_workers()
         try:
             stats = await pools.sync_weights()
         except (WorkerLost, WeightSyncTimeout) as exc:
-            log.warning("weight sync failed (%s); replacing lost workers", exc)
-            replaced += await pools.replace_lost_workers()
-            if not replaced:
-                raise
+            log.warning("weight sync failed (%s); rebuilding the weight group", exc)
+            await pools.rebuild_weight_group(sync=True)
             stats = {}
-        return {**stats, "rollout/workers_replaced": float(replaced)}
+        return {**stats, "rollout/workers_replaced": float(pools.workers_replaced - before)}
 
     async def _next_batch(self, version: int) -> list[Group]:
         cfg = self.ctx.config

@@ -23,16 +23,17 @@ from asyncrl.controller.checkpoint import (
 )
 from asyncrl.controller.run import JobContext
 from asyncrl.data.manager import DataManager
-from asyncrl.errors import WorkerLost
+from asyncrl.errors import AsyncrlError, TrainerLost, WorkerLost
 from asyncrl.reward.pool import RewardPool, RewardWorker, pool_call_timeout
 from asyncrl.rollout.manager import RolloutManager
 from asyncrl.rollout.worker import RolloutWorker
-from asyncrl.sync.broadcast import WeightBroadcast
+from asyncrl.sync.broadcast import WeightBroadcast, WeightSyncTimeout
 from asyncrl.train.worker import TrainerWorker
 from asyncrl.types import Group, Prompt, Sample, SamplingParams
 
 GREEDY = SamplingParams(temperature=0.0)
 WORKER_PING_TIMEOUT_S = 30.0  # a live worker answers a version query between decoding steps
+GROUP_ATTEMPTS = 5  # tries to form the weight group while rollout workers keep dying
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,8 @@ class Pools:
     trainer_version: int = 0
     _groups_formed: int = 0
     _workers_spawned: int = 0
+    _joining: list[ActorRef] = field(default_factory=list)  # spawned, weights not yet loaded
+    workers_replaced: int = 0
 
     @classmethod
     async def start(cls, ctx: JobContext) -> Pools:
@@ -89,7 +92,7 @@ class Pools:
         )
         pools = cls(ctx=ctx, workers=workers, trainer=trainer, data=data, rollout=rollout,
                     reward=reward, prompts=prompts, _workers_spawned=len(workers))
-        await pools.form_weight_group()
+        await pools.rebuild_weight_group(sync=False)  # every process loaded the same weights
         return pools
 
     def close(self) -> None:
@@ -100,19 +103,28 @@ class Pools:
         """Held-out greedy exact-match accuracy, scored by the task itself."""
         ctx = self.ctx
         answers = {p.prompt_id: p.answer for p in ctx.eval_prompts}
-        samples = [new_samples(p, 1, ctx.config.rollout.max_new_tokens)[0]
-                   for p in ctx.eval_prompts]
-        shards = [samples[i :: len(self.workers)] for i in range(len(self.workers))]
-        done = await asyncio.gather(
-            *(w.generate(shard, GREEDY) for w, shard in zip(self.workers, shards, strict=True)))
+        for attempt in range(1, GROUP_ATTEMPTS + 1):
+            samples = [new_samples(p, 1, ctx.config.rollout.max_new_tokens)[0]
+                       for p in ctx.eval_prompts]
+            workers = list(self.workers)
+            shards = [samples[i :: len(workers)] for i in range(len(workers))]
+            try:
+                done = await asyncio.gather(
+                    *(w.generate(shard, GREEDY) for w, shard in zip(workers, shards, strict=True)))
+                break
+            except WorkerLost as exc:  # evaluation is not accounted: just run it again
+                log.warning("evaluation attempt %d lost a worker (%s)", attempt, exc)
+                await self.replace_lost_workers()
+        else:
+            raise AsyncrlError(f"evaluation failed {GROUP_ATTEMPTS} times: workers keep dying")
         correct = [bool(ctx.task.score(s.response_text, answers[s.prompt_id]).correct)
                    for shard in done for s in shard]
         return sum(correct) / len(correct)
 
     async def train(self, batch) -> dict[str, float]:
         self.rollout.set_trainer_version(self.trainer_version + self.ctx.config.trainer.minibatches)
-        metrics = await self.trainer.step(batch)
-        self.trainer_version = await self.trainer.policy_version()
+        metrics = await _on_trainer(self.trainer.step(batch))
+        self.trainer_version = await _on_trainer(self.trainer.policy_version())
         return metrics
 
     async def form_weight_group(self) -> None:
@@ -134,7 +146,8 @@ class Pools:
     async def sync_weights(self) -> dict[str, float]:
         """Broadcast the trainer's weights; returns once every worker has loaded them."""
         stats, *versions = await asyncio.gather(
-            self.trainer.broadcast_weights(), *(w.receive_weights() for w in self.workers))
+            _on_trainer(self.trainer.broadcast_weights()),
+            *(w.receive_weights() for w in self.workers))
         assert all(v == self.trainer_version for v in versions), (versions, self.trainer_version)
         return stats
 
@@ -146,15 +159,45 @@ class Pools:
         """A worker joining a running job gets the current weights before its first request."""
         worker = self._spawn_worker()
         self.workers.append(worker)
-        await self.form_weight_group()
-        await self.sync_weights()
-        self.rollout.add_worker(worker)
+        self._joining.append(worker)
+        await self.rebuild_weight_group(sync=True)
         return worker
 
     async def replace_lost_workers(self) -> int:
         """Replace every rollout worker that died (or no longer answers) with a fresh one that
         receives the current weights; their in-flight samples were already re-queued by the
         RolloutManager. Returns how many were replaced."""
+        before = self.workers_replaced
+        await self.rebuild_weight_group(sync=True)
+        return self.workers_replaced - before
+
+    async def rebuild_weight_group(self, *, sync: bool) -> None:
+        """Form the broadcast group of the trainer and every worker (and, with `sync`, hand them
+        the current weights). Dead workers are replaced first, and again whenever one dies
+        meanwhile; a dead trainer raises TrainerLost."""
+        for attempt in range(1, GROUP_ATTEMPTS + 1):
+            if await self._swap_dead_workers():
+                sync = True  # fresh workers need the trainer's weights
+            try:
+                await self.form_weight_group()
+                if sync:
+                    await self.sync_weights()
+                for worker in self._joining:  # only now do they hold the current weights
+                    if worker in self.workers:
+                        self.rollout.add_worker(worker)
+                self._joining.clear()
+                return
+            except (WorkerLost, WeightSyncTimeout) as exc:
+                log.warning("weight group attempt %d/%d failed (%s)", attempt, GROUP_ATTEMPTS,
+                            exc)
+                sync = True  # a broken broadcast leaves workers on mixed weights
+        raise AsyncrlError(f"could not form the weight group in {GROUP_ATTEMPTS} attempts: "
+                           "rollout workers keep dying (see their logs); check their memory "
+                           "and sync.timeout_s")
+
+    async def _swap_dead_workers(self) -> int:
+        """Swap every worker that does not answer a ping for a fresh one, which joins the
+        RolloutManager once the rebuilt group handed it the weights. Returns how many."""
         alive, lost = [], []
         for worker in self.workers:
             try:
@@ -172,10 +215,8 @@ class Pools:
             self.rollout.remove_worker(worker.name)
         fresh = [self._spawn_worker() for _ in lost]
         self.workers = alive + fresh
-        await self.form_weight_group()
-        await self.sync_weights()
-        for worker in fresh:
-            self.rollout.add_worker(worker)
+        self._joining += fresh
+        self.workers_replaced += len(lost)
         return len(lost)
 
     async def checkpoint(self, path: Path) -> Path:
@@ -212,6 +253,15 @@ class Pools:
         await self.trainer.save(str(final))
         self.ctx.tokenizer.save_pretrained(final)
         return final
+
+
+async def _on_trainer(call):
+    """Await a trainer call; its death becomes TrainerLost (the job restarts from a checkpoint),
+    not a rollout worker's loss."""
+    try:
+        return await call
+    except WorkerLost as exc:
+        raise TrainerLost(str(exc)) from exc
 
 
 def _reward_pool(ctx: JobContext) -> RewardPool:

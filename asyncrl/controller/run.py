@@ -10,6 +10,7 @@ import asyncio
 import logging
 import os
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,8 +27,9 @@ from asyncrl.data.datasets import (
     to_prompt,
     tokenize_checked,
 )
+from asyncrl.data.gym_task import unknown_characters
 from asyncrl.data.tasks import TASKS
-from asyncrl.errors import ConfigError
+from asyncrl.errors import AsyncrlError, ConfigError, TrainerLost
 from asyncrl.metrics.report import MetricsLog
 from asyncrl.models.prepare import prepare_model
 from asyncrl.reward.pool import RewardSpec
@@ -45,6 +47,7 @@ class RunResult:
     final_model: Path | None = None
     ledger: dict[str, int] = field(default_factory=dict)
     interrupted: bool = False  # stopped by SIGTERM after writing a checkpoint
+    restarts: int = 0  # times the job restarted from a checkpoint after losing its trainer
 
     @property
     def accuracy_gain(self) -> float:
@@ -72,9 +75,26 @@ def build_task(config: JobConfig) -> Any:
             f"data.task: unknown task {config.data.task!r}; known: {', '.join(sorted(TASKS))}"
         )
     try:
-        return TASKS[config.data.task](**config.data.task_kwargs)
+        task = TASKS[config.data.task](**config.data.task_kwargs)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"data.task_kwargs: {exc}") from None
+    if config.model.path is None:  # the built-in tiny model: a fixed char vocabulary
+        from asyncrl.models.tiny import CHARSET
+
+        outside, longest = unknown_characters(task, CHARSET, seed=config.run.seed)
+        if outside:
+            raise ConfigError(
+                f"data.task: {config.data.task} prompts or answers use characters the built-in "
+                f"tiny model's vocabulary lacks: {' '.join(map(repr, sorted(outside)))} (it has "
+                f"{CHARSET!r}); for reasoning_gym set data.task_kwargs.prompt_style=compact, or "
+                "set model.path to a model with its own tokenizer")
+        room = config.model.tiny.max_position_embeddings - config.rollout.max_new_tokens
+        if longest > room:
+            raise ConfigError(
+                f"data.task: {config.data.task} prompts run to {longest} characters, more than "
+                f"model.tiny.max_position_embeddings - rollout.max_new_tokens = {room}; raise "
+                "model.tiny.max_position_embeddings or choose a task with shorter prompts")
+    return task
 
 
 def reward_spec(config: JobConfig, task: Any) -> RewardSpec:
@@ -94,7 +114,9 @@ def reward_spec(config: JobConfig, task: Any) -> RewardSpec:
             token_source=f"${r.token_env} (reward.token_env)"))
     else:
         spec = RewardSpec(fn=r.fn, task=task, kwargs=dict(r.kwargs))
-    asyncio.run(_probe(spec()))
+    # prepare() may be called from inside an event loop (tests, notebooks): probe on a thread.
+    with ThreadPoolExecutor(1) as thread:
+        thread.submit(lambda: asyncio.run(_probe(spec()))).result()
     return spec
 
 
@@ -204,8 +226,23 @@ def run(
     started = init_ray(
         address=address, num_cpus=config.run.num_cpus, namespace=f"asyncrl-{config.run.name}"
     )
+    restarts = 0
     try:
-        return asyncio.run(run_loop(ctx, progress=progress, resume_from=resume_from))
+        while True:
+            try:
+                result = asyncio.run(run_loop(ctx, progress=progress, resume_from=resume_from))
+                result.restarts = restarts
+                return result
+            except TrainerLost as exc:
+                resume_from = latest_checkpoint(ctx.run_dir)
+                if resume_from is None or restarts >= config.run.max_restarts:
+                    why = ("no checkpoint to restart from: set run.checkpoint_every"
+                           if resume_from is None else
+                           f"run.max_restarts={config.run.max_restarts} restarts already used")
+                    raise AsyncrlError(f"the trainer died ({exc}); {why}") from exc
+                restarts += 1
+                log.warning("the trainer died (%s); restart %d/%d from %s", exc, restarts,
+                            config.run.max_restarts, resume_from)
     finally:
         ctx.metrics.close()
         shutdown_ray(started)
