@@ -140,7 +140,7 @@ class RewardConfig(Section):
     """A failed reward (timeout, crash, error): 'drop_group' drops its group (counted under
     data/dropped/reward_failed); 'score' gives it `failure_value`. Either way it is counted in
     reward/failures/<reason>."""
-    failure_value: float = 0.0
+    failure_value: float = Field(0.0, allow_inf_nan=False)
     """The reward a failure gets under on_failure='score'."""
 
     @model_validator(mode="after")
@@ -282,6 +282,27 @@ class JobConfig(Section):
                 "weight update, so they need max_staleness >= 1: set mode=async and "
                 "max_staleness=1 (or more), or turn them off"
             )
+        if self.rollout.n_samples < 2:
+            raise ValueError(
+                f"rollout.n_samples={self.rollout.n_samples}: every advantage estimator here is "
+                "group-relative, so a group of one sample gets zero advantage and learns "
+                "nothing: set rollout.n_samples >= 2"
+            )
+        optimizer_steps = self.run.steps * self.trainer.minibatches
+        if self.trainer.warmup_steps >= optimizer_steps:
+            raise ValueError(
+                f"trainer.warmup_steps ({self.trainer.warmup_steps}) must be below the run's "
+                f"optimizer steps (run.steps × trainer.minibatches = {optimizer_steps}), or the "
+                "learning rate never reaches trainer.lr: lower it"
+            )
+        if self.model.path is None and (self.rollout.max_new_tokens
+                                        >= self.model.tiny.max_position_embeddings):
+            raise ValueError(
+                f"rollout.max_new_tokens ({self.rollout.max_new_tokens}) leaves no room for the "
+                f"prompt in model.tiny.max_position_embeddings "
+                f"({self.model.tiny.max_position_embeddings}): lower it or raise the other"
+            )
+        self._check_cpus()
         if self.trainer.minibatches > self.rollout.prompts_per_step * self.rollout.n_samples:
             raise ValueError(
                 f"trainer.minibatches ({self.trainer.minibatches}) exceeds the samples per batch"
@@ -289,3 +310,21 @@ class JobConfig(Section):
                 f"{self.rollout.prompts_per_step * self.rollout.n_samples}): lower it"
             )
         return self
+
+    def _check_cpus(self) -> None:
+        """An embedded cluster of run.num_cpus CPUs must fit every actor, or the job waits
+        forever for resources Ray will never have."""
+        if self.run.num_cpus is None:
+            return
+        wanted = {
+            "rollout.num_workers × rollout.worker_num_cpus":
+                self.rollout.num_workers * self.rollout.worker_num_cpus,
+            "reward.num_workers × reward.num_cpus": self.reward.num_workers * self.reward.num_cpus,
+            "trainer.num_cpus": self.trainer.num_cpus,
+        }
+        if sum(wanted.values()) > self.run.num_cpus + 1e-9:
+            parts = ", ".join(f"{k} = {v:g}" for k, v in wanted.items())
+            raise ValueError(
+                f"the actors need {sum(wanted.values()):g} CPUs ({parts}) but run.num_cpus is "
+                f"{self.run.num_cpus}: raise run.num_cpus or lower the per-actor CPUs"
+            )

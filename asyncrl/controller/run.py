@@ -38,6 +38,7 @@ from asyncrl.types import Prompt
 log = logging.getLogger(__name__)
 
 INIT_MODEL = "init_model"
+REWARDS_NEEDING_ANSWERS = ("task", "exact_match")  # built-ins that compare with prompt.answer
 
 
 @dataclass
@@ -168,14 +169,15 @@ def _prompt_sources(
     room = (AutoConfig.from_pretrained(model_path).max_position_embeddings
             - config.rollout.max_new_tokens)
     if "train_file" in files:
-        rows = tokenize_checked("data.train_file", files["train_file"], tokenizer, room)
+        rows = tokenize_checked("data.train_file", files["train_file"], tokenizer, room,
+                                need_answers=config.reward.fn in REWARDS_NEEDING_ANSWERS)
         train = FilePrompts(rows, config.run.seed)
     else:
         train = ProceduralPrompts(task, tokenizer, config.run.seed,
                                   exclude={ex.prompt for ex in held_out})
     if "eval_file" in files:
         rows = files["eval_file"][: config.data.eval_size]
-        evals = tokenize_checked("data.eval_file", rows, tokenizer, room)
+        evals = tokenize_checked("data.eval_file", rows, tokenizer, room, need_answers=True)
         for i, prompt in enumerate(evals):
             prompt.prompt_id = f"eval-{i}"
     else:

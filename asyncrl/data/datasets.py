@@ -69,13 +69,20 @@ class ProceduralPrompts(_CursorStream):
 def read_jsonl(field: str, path: str, prompt_key: str, answer_key: str) -> list[Prompt]:
     """Read and check a JSONL prompt file; errors name the config field, file and line."""
     file = Path(path)
+    if file.is_dir():
+        raise ConfigError(f"{field}: {path!r} is a directory; give the path of a JSONL file")
     if not file.is_file():
         raise ConfigError(f"{field}: {path!r} does not exist; give the path of a JSONL file")
     prompts = []
-    for number, line in enumerate(file.read_text().splitlines(), start=1):
+    for number, raw in enumerate(file.read_bytes().splitlines(), start=1):
+        where = f"{field}: {path}:{number}"
+        try:
+            line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{where}: not UTF-8 text (byte {exc.start}); re-encode the file "
+                              "as UTF-8") from None
         if not line.strip():
             continue
-        where = f"{field}: {path}:{number}"
         try:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
@@ -83,10 +90,14 @@ def read_jsonl(field: str, path: str, prompt_key: str, answer_key: str) -> list[
         if not isinstance(row, dict):
             raise ConfigError(f"{where}: expected a JSON object, got {type(row).__name__}")
         text = row.get(prompt_key)
-        if not isinstance(text, str) or not text:
+        if not isinstance(text, str) or not text.strip():
             raise ConfigError(f"{where}: no non-empty string under {prompt_key!r} "
                               "(set data.prompt_key to the field that holds the prompt)")
         answer = row.get(answer_key)
+        if isinstance(answer, dict | list | bool):
+            raise ConfigError(f"{where}: the answer under {answer_key!r} is a "
+                              f"{type(answer).__name__}; give a string or a number (or set "
+                              "data.answer_key to the field that holds it)")
         metadata = {k: v for k, v in row.items() if k not in (prompt_key, answer_key)}
         prompts.append(Prompt(prompt_id=f"{path}:{number}", text=text, input_ids=[],
                               answer=None if answer is None else str(answer), metadata=metadata))
@@ -96,12 +107,33 @@ def read_jsonl(field: str, path: str, prompt_key: str, answer_key: str) -> list[
 
 
 def tokenize_checked(
-    field: str, prompts: list[Prompt], tokenizer: Any, max_prompt_tokens: int
+    field: str, prompts: list[Prompt], tokenizer: Any, max_prompt_tokens: int,
+    *, need_answers: bool = False,
 ) -> list[Prompt]:
-    """Fill input_ids; a prompt that leaves no room for the answer is an error naming its line
-    (prompt ids from read_jsonl are `path:line`)."""
+    """Fill input_ids; a prompt the tokenizer cannot represent, or that leaves no room for the
+    answer, or (with need_answers) has no answer, is an error naming its line (prompt ids
+    from read_jsonl are `path:line`)."""
+    unknown = getattr(tokenizer, "unk_token_id", None)
+    representable: dict[str, bool] = {}  # per character: does it become a real token?
+
+    def lost(ch: str) -> bool:
+        if ch not in representable:
+            ids = tokenizer(ch, add_special_tokens=False).input_ids
+            representable[ch] = bool(ids) and unknown not in ids
+        return not representable[ch]
+
     for prompt in prompts:
         prompt.input_ids = tokenizer(prompt.text).input_ids
+        bad = sorted({ch for ch in prompt.text if not ch.isspace() and lost(ch)})
+        if bad:  # read as <unk>, or silently dropped, by the tokenizer
+            raise ConfigError(
+                f"{field}: {prompt.prompt_id}: the model's tokenizer cannot represent "
+                f"{''.join(bad)!r} (it would read them as {tokenizer.unk_token!r}); remove them, "
+                "or use a model whose vocabulary has them (model.path)")
+        if need_answers and prompt.answer is None:
+            raise ConfigError(
+                f"{field}: {prompt.prompt_id}: no answer, and it is scored against one (the "
+                "task scorer and exact_match need it); add it under data.answer_key")
         if len(prompt.input_ids) > max_prompt_tokens:
             raise ConfigError(
                 f"{field}: {prompt.prompt_id}: the prompt has {len(prompt.input_ids)} tokens, "

@@ -41,3 +41,11 @@ def blocking_hang(prompt: Prompt, response: str) -> float:
     if prompt.metadata.get("hang"):
         time.sleep(60)
     return 1.0
+
+
+def three_args(prompt: Prompt, response: str, extra: int) -> float:
+    """A wrong signature: the pool would not know what to pass as `extra`."""
+    return 0.0
+
+
+NOT_CALLABLE = 0.5
