@@ -18,10 +18,11 @@ from asyncrl.types import Sample, SamplingParams
 
 
 class RolloutWorker:
-    def __init__(self, model_path: str, engine: str, *, seed: int, num_threads: int = 1) -> None:
+    def __init__(self, model_path: str, engine: str, *, seed: int, num_threads: int = 1,
+                 vllm_options: dict | None = None) -> None:
         torch.set_num_threads(num_threads)
         self._tokenizer = AutoTokenizer.from_pretrained(model_path)
-        self._engine = build_engine(engine, model_path, seed=seed)
+        self._engine = build_engine(engine, model_path, seed=seed, vllm_options=vllm_options)
         self._broadcast: WeightBroadcast | None = None
 
     async def generate(self, samples: list[Sample], params: SamplingParams) -> list[Sample]:

@@ -8,8 +8,8 @@ new token its logprob and the policy version of the weights that produced it.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Protocol, runtime_checkable
+from collections.abc import Iterable, Mapping
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
@@ -49,13 +49,23 @@ class RolloutEngine(Protocol):
     async def close(self) -> None: ...
 
 
-ENGINES = ("cpu",)
+ENGINES = ("cpu", "vllm")
 
 
-def build_engine(kind: str, model_path: str, *, seed: int) -> RolloutEngine:
-    """Construct the engine named by `rollout.engine` (its heavy stack is imported here only)."""
+def build_engine(
+    kind: str, model_path: str, *, seed: int, vllm_options: Mapping[str, Any] | None = None
+) -> RolloutEngine:
+    """Construct the engine named by `rollout.engine` (its heavy stack is imported here only).
+
+    `vllm_options` are `VllmEngine` keyword arguments (`rollout.vllm` in the job config); the
+    vllm engine's defaults suit the CPU build.
+    """
     if kind == "cpu":
         from asyncrl.rollout.engine.cpu import CpuEngine
 
         return CpuEngine(model_path, seed=seed)
+    if kind == "vllm":
+        from asyncrl.rollout.engine.vllm import VllmEngine
+
+        return VllmEngine(model_path, seed=seed, **dict(vllm_options or {}))
     raise ValueError(f"rollout.engine: unknown engine {kind!r}; known: {', '.join(ENGINES)}")
