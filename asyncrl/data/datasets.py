@@ -28,7 +28,8 @@ def eval_examples(task: Any, seed: int, size: int) -> list[Any]:
 
 def to_prompt(prompt_id: str, example: Any, tokenizer: Any) -> Prompt:
     return Prompt(prompt_id=prompt_id, text=example.prompt,
-                  input_ids=tokenizer(example.prompt).input_ids, answer=example.answer)
+                  input_ids=tokenizer(example.prompt).input_ids, answer=example.answer,
+                  metadata=dict(getattr(example, "metadata", None) or {}))
 
 
 class _CursorStream:

@@ -29,6 +29,7 @@ import random
 from dataclasses import dataclass
 from typing import Literal
 
+from asyncrl.data.gym_task import GymTask
 from asyncrl.types import Reward
 
 
@@ -112,4 +113,5 @@ class Addition:
         return positional_credit(response, answer, align="right")
 
 
-TASKS: dict[str, type] = {SortDigits.name: SortDigits, Addition.name: Addition}
+TASKS: dict[str, type] = {SortDigits.name: SortDigits, Addition.name: Addition,
+                         GymTask.name: GymTask}
