@@ -9,6 +9,7 @@ import pytest
 def ray_local():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, namespace="asyncrl-tests", log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, namespace="asyncrl-tests",
+             log_to_driver=False)
     yield ray
     ray.shutdown()

@@ -10,10 +10,15 @@ import ray
 from asyncrl.errors import WorkerLost
 
 
-def spawn(cls: type, *args: Any, name: str, num_cpus: float, **kwargs: Any) -> ActorRef:
-    """Start `cls(*args, **kwargs)` as a named Ray actor."""
+def spawn(
+    cls: type, *args: Any, name: str, num_cpus: float, num_gpus: float = 0,
+    resources: dict[str, float] | None = None, **kwargs: Any,
+) -> ActorRef:
+    """Start `cls(*args, **kwargs)` as a named Ray actor on a node that has `num_cpus`,
+    `num_gpus` and the custom `resources` (how each pool is steered to its own nodes)."""
     actor_cls = ray.remote(cls)
-    handle = actor_cls.options(name=name, num_cpus=num_cpus).remote(*args, **kwargs)
+    handle = actor_cls.options(name=name, num_cpus=num_cpus, num_gpus=num_gpus,
+                               resources=resources or None).remote(*args, **kwargs)
     return ActorRef(handle, name)
 
 

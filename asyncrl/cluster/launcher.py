@@ -25,7 +25,9 @@ def init_ray(*, address: str | None, num_cpus: int | None, namespace: str) -> bo
                  runtime_env=runtime_env)
         log.info("connected to Ray cluster at %s", address)
     else:
-        ray.init(num_cpus=num_cpus, namespace=namespace, include_dashboard=False,
+        # "local": a new embedded cluster even when `ray start` left one running here (the
+        # documented rule: an existing cluster is used only when named by address).
+        ray.init(address="local", num_cpus=num_cpus, namespace=namespace, include_dashboard=False,
                  log_to_driver=True, logging_level=logging.WARNING, runtime_env=runtime_env)
         log.info("started embedded Ray (%s CPUs)", ray.cluster_resources().get("CPU"))
     return True

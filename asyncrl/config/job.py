@@ -81,13 +81,31 @@ class DataConfig(Section):
     """Dynamic sampling (DAPO): drop groups whose rewards are all equal (no learning signal)."""
 
 
+class VllmOptions(Section):
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Weight dtype inside vLLM; float32 makes its logprobs match the trainer's (to ~1e-6)."""
+    kv_cache_memory_bytes: int | None = Field(64 << 20, ge=1 << 20)
+    """KV cache size in bytes; None sizes it from gpu_memory_utilization (GPU)."""
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
+    """Fraction of GPU memory vLLM may take (used when kv_cache_memory_bytes is None)."""
+    enforce_eager: bool = True
+    """Skip torch.compile and CUDA graphs: starts much faster (CPU); set false on GPUs."""
+
+
 class RolloutConfig(Section):
-    engine: Literal["cpu"] = "cpu"
-    """Inference engine of the rollout workers."""
+    engine: Literal["cpu", "vllm"] = "cpu"
+    """Inference engine of the rollout workers: 'cpu' (PyTorch, fast start) or 'vllm'."""
+    vllm: VllmOptions = VllmOptions()
+    """Options of the vllm engine (ignored by the cpu engine)."""
     num_workers: int = Field(1, ge=1)
     """Rollout worker actors, each holding one engine."""
     worker_num_cpus: float = Field(0.5, gt=0)
     """CPUs Ray reserves for each rollout worker."""
+    worker_num_gpus: float = Field(0.0, ge=0)
+    """GPUs Ray reserves for each rollout worker (1 for a vLLM engine on its own GPU)."""
+    worker_resources: dict[str, float] = {}
+    """Custom Ray resources each rollout worker needs, e.g. {rollout: 1} to place the pool on
+    nodes started with `ray start --resources '{"rollout": 8}'`."""
     prompts_per_step: int = Field(32, ge=1)
     """Groups (prompts) in one training batch."""
     n_samples: int = Field(8, ge=1)
@@ -115,7 +133,10 @@ class RewardConfig(Section):
     """Reward function: a registered name ('task', 'exact_match', ...) or
     'package.module:function' taking (prompt, response) and returning a float or Reward."""
     kwargs: dict[str, Any] = {}
-    """Keyword arguments of a built-in reward (e.g. the regex `pattern`)."""
+    """Keyword arguments of the reward (e.g. the regex `pattern`, math `timeout_s`)."""
+    transforms: list[dict[str, Any]] = []
+    """Reward transforms applied in order, each `{type: NAME, **kwargs}`: overlong_penalty
+    (DAPO soft punishment), length_penalty, format_penalty (see asyncrl/reward/builtin)."""
     address: str | None = None
     """type=remote: 'host:port' of the reward server."""
     token_env: str = "ASYNCRL_REWARD_TOKEN"
@@ -126,6 +147,8 @@ class RewardConfig(Section):
     """Reward worker actors; 0 scores in the driver process."""
     num_cpus: float = Field(0.25, ge=0)
     """CPUs Ray reserves for each reward worker."""
+    resources: dict[str, float] = {}
+    """Custom Ray resources each reward worker needs (places the pool on its own nodes)."""
     concurrency: int = Field(32, ge=1)
     """Rewards one worker scores at once."""
     batch_size: int = Field(64, ge=1)
@@ -185,12 +208,18 @@ class AlgorithmConfig(Section):
 
 
 class TrainerConfig(Section):
-    backend: Literal["torch"] = "torch"
-    """Trainer backend."""
+    backend: Literal["torch", "megatron"] = "torch"
+    """Trainer backend: 'torch' (an HF model, one process) or 'megatron' (megatron-core
+    GPTModel of a Qwen2/Llama checkpoint; tensor, pipeline and data parallel; needs the
+    `megatron` extra)."""
     device: str = "cpu"
     """Torch device of the trainer ('cpu', 'cuda')."""
     num_cpus: float = Field(1.0, gt=0)
     """CPUs Ray reserves for the trainer actor."""
+    num_gpus: float = Field(0.0, ge=0)
+    """GPUs Ray reserves for the trainer actor (1 with device 'cuda')."""
+    resources: dict[str, float] = {}
+    """Custom Ray resources the trainer needs (places it on its own nodes)."""
     lr: float = Field(3e-4, gt=0)
     """AdamW learning rate."""
     lr_schedule: Literal["constant", "linear", "cosine"] = "linear"
@@ -209,6 +238,26 @@ class TrainerConfig(Section):
     """Sequences per forward/backward; gradients accumulate across micro-batches."""
     minibatches: int = Field(1, ge=1)
     """Optimizer steps per training batch (PPO minibatches); each bumps the policy version."""
+    tensor_parallel_size: int = Field(1, ge=1)
+    """Megatron only: ranks each weight matrix is split over; must divide the model's
+    key/value heads and MLP width."""
+    pipeline_parallel_size: int = Field(1, ge=1)
+    """Megatron only: pipeline stages, each holding an equal share of the layers; must divide
+    the model's layer count."""
+    data_parallel_size: int = Field(1, ge=1)
+    """Megatron only: model replicas, each training a contiguous part of every minibatch.
+    The trainer runs tensor × pipeline × data parallel ranks (one GPU each on CUDA)."""
+
+    @model_validator(mode="after")
+    def _parallel_needs_megatron(self) -> TrainerConfig:
+        sizes = {name: getattr(self, name) for name in
+                 ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size")}
+        if self.backend != "megatron" and any(size > 1 for size in sizes.values()):
+            bad = ", ".join(f"trainer.{k}={v}" for k, v in sizes.items() if v > 1)
+            raise ValueError(
+                f"{bad} needs trainer.backend=megatron (the {self.backend} backend runs one "
+                "process): set trainer.backend=megatron, or the size(s) back to 1")
+        return self
 
 
 class SyncConfig(Section):

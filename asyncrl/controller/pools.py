@@ -67,7 +67,8 @@ class Pools:
         model_path = str(ctx.model_path)
         workers = [_spawn_rollout_worker(ctx, i) for i in range(r.num_workers)]
         trainer = spawn(TrainerWorker, model_path, cfg, name=f"{cfg.run.name}/trainer-rank-0",
-                        num_cpus=cfg.trainer.num_cpus)
+                        num_cpus=cfg.trainer.num_cpus, num_gpus=cfg.trainer.num_gpus,
+                        resources=cfg.trainer.resources)
         data = spawn(DataManager, group_size=r.n_samples, max_staleness=cfg.max_staleness,
                      drop_all_equal=cfg.data.drop_all_equal, name=f"{cfg.run.name}/data-manager",
                      num_cpus=0)
@@ -102,7 +103,7 @@ class Pools:
     async def evaluate(self) -> float:
         """Held-out greedy exact-match accuracy, scored by the task itself."""
         ctx = self.ctx
-        answers = {p.prompt_id: p.answer for p in ctx.eval_prompts}
+        by_id = {p.prompt_id: p for p in ctx.eval_prompts}
         for attempt in range(1, GROUP_ATTEMPTS + 1):
             samples = [new_samples(p, 1, ctx.config.rollout.max_new_tokens)[0]
                        for p in ctx.eval_prompts]
@@ -117,7 +118,7 @@ class Pools:
                 await self.replace_lost_workers()
         else:
             raise AsyncrlError(f"evaluation failed {GROUP_ATTEMPTS} times: workers keep dying")
-        correct = [bool(ctx.task.score(s.response_text, answers[s.prompt_id]).correct)
+        correct = [bool(_score_eval(ctx.task, by_id[s.prompt_id], s.response_text).correct)
                    for shard in done for s in shard]
         return sum(correct) / len(correct)
 
@@ -255,6 +256,15 @@ class Pools:
         return final
 
 
+def _score_eval(task, prompt: Prompt, response: str):
+    """The task's own verdict; a task that needs more than the answer (e.g. a reasoning-gym
+    entry in the prompt's metadata) scores the whole prompt."""
+    score_prompt = getattr(task, "score_prompt", None)
+    if score_prompt is not None:
+        return score_prompt(prompt, response)
+    return task.score(response, prompt.answer or "")
+
+
 async def _on_trainer(call):
     """Await a trainer call; its death becomes TrainerLost (the job restarts from a checkpoint),
     not a rollout worker's loss."""
@@ -273,7 +283,7 @@ def _reward_pool(ctx: JobContext) -> RewardPool:
         if cfg.num_workers == 0:
             return LocalRef(RewardWorker(ctx.reward, **options), "reward-worker-local")
         return spawn(RewardWorker, ctx.reward, name=f"{ctx.config.run.name}/reward-worker-{index}",
-                     num_cpus=cfg.num_cpus, **options)
+                     num_cpus=cfg.num_cpus, resources=cfg.resources, **options)
 
     return RewardPool(
         spawn_worker, num_workers=max(cfg.num_workers, 1), batch_size=cfg.batch_size,
@@ -287,9 +297,12 @@ def _reward_pool(ctx: JobContext) -> RewardPool:
 def _spawn_rollout_worker(ctx: JobContext, index: int) -> ActorRef:
     """Worker `index` (never reused: a replacement gets a new index, name and sampling seed)."""
     cfg = ctx.config
+    vllm = cfg.rollout.vllm.model_dump() if cfg.rollout.engine == "vllm" else None
     return spawn(RolloutWorker, str(ctx.model_path), cfg.rollout.engine,
                  seed=cfg.run.seed + 1000 * index, name=f"{cfg.run.name}/rollout-worker-{index}",
-                 num_cpus=cfg.rollout.worker_num_cpus)
+                 num_cpus=cfg.rollout.worker_num_cpus,
+                 num_gpus=cfg.rollout.worker_num_gpus, resources=cfg.rollout.worker_resources,
+                 vllm_options=vllm)
 
 
 def batch_stats(groups: list[Group], trainer_version: int) -> dict[str, float]:

@@ -38,7 +38,7 @@ from asyncrl.types import Prompt
 log = logging.getLogger(__name__)
 
 INIT_MODEL = "init_model"
-REWARDS_NEEDING_ANSWERS = ("task", "exact_match")  # built-ins that compare with prompt.answer
+REWARDS_NEEDING_ANSWERS = ("task", "exact_match", "regex", "math")  # compare with prompt.answer
 
 
 @dataclass
@@ -114,7 +114,8 @@ def reward_spec(config: JobConfig, task: Any) -> RewardSpec:
             retries=r.retries, backoff_s=r.backoff_s,
             token_source=f"${r.token_env} (reward.token_env)"))
     else:
-        spec = RewardSpec(fn=r.fn, task=task, kwargs=dict(r.kwargs))
+        spec = RewardSpec(fn=r.fn, task=task, kwargs=dict(r.kwargs),
+                          transforms=[dict(t) for t in r.transforms])
     # prepare() may be called from inside an event loop (tests, notebooks): probe on a thread.
     with ThreadPoolExecutor(1) as thread:
         thread.submit(lambda: asyncio.run(_probe(spec()))).result()

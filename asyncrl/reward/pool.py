@@ -45,6 +45,7 @@ class RewardSpec:
     fn: str
     task: Any = None
     kwargs: dict[str, Any] = field(default_factory=dict)
+    transforms: list[dict[str, Any]] = field(default_factory=list)
     remote: dict[str, Any] | None = None
 
     def __call__(self) -> Any:
@@ -54,7 +55,7 @@ class RewardSpec:
             return RemoteReward(**self.remote)
         from asyncrl.reward import build_reward
 
-        return build_reward(self.fn, self.task, self.kwargs)
+        return build_reward(self.fn, self.task, self.kwargs, self.transforms)
 
 
 def failure_reason(reward: Reward) -> str:
