@@ -14,10 +14,14 @@ from asyncrl.types import TrainBatch
 class TrainerWorker:
     def __init__(self, model_path: str, config: JobConfig, *, num_threads: int = 1) -> None:
         torch.set_num_threads(num_threads)
-        from asyncrl.train.torch_backend import TorchBackend
+        # Each backend is imported only when selected: megatron.core stays optional.
+        if config.trainer.backend == "megatron":
+            from asyncrl.train.megatron.backend import MegatronBackend as Backend
+        else:
+            from asyncrl.train.torch_backend import TorchBackend as Backend
 
         self._broadcast: WeightBroadcast | None = None
-        self._backend = TorchBackend(
+        self._backend = Backend(
             model_path, config.algorithm, config.trainer,
             temperature=config.rollout.temperature,
             max_new_tokens=config.rollout.max_new_tokens,
