@@ -67,17 +67,23 @@ def test_ray_job_submit_runs_asyncrl_train_with_pools_on_their_own_nodes(tmp_pat
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
     common = ["--block", "--node-ip-address=127.0.0.1", "--disable-usage-stats"]
+
+    def own_ports() -> list[str]:  # another cluster on this machine (the tests') holds defaults
+        return [f"--dashboard-agent-listen-port={_free_port()}",
+                f"--dashboard-agent-grpc-port={_free_port()}",
+                f"--metrics-export-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}"]
+
     head = subprocess.Popen(
         ["ray", "start", "--head", f"--port={gcs_port}", f"--dashboard-port={dash_port}",
          "--dashboard-host=127.0.0.1", "--num-cpus=2", '--resources={"rollout": 2}',
-         f"--temp-dir={ray_tmp}", *common],
+         f"--temp-dir={ray_tmp}", *common, *own_ports()],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     worker = None
     try:
         _wait_for_dashboard(dashboard, head)
         worker = subprocess.Popen(
             ["ray", "start", f"--address={gcs}", "--num-cpus=1", '--resources={"trainer": 1}',
-             *common], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+             *common, *own_ports()], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 90
         while len(_nodes(gcs, env)) < 2:
             assert time.monotonic() < deadline, "the second node never joined"
