@@ -95,6 +95,7 @@ class Sample:
     finish_reason: FinishReason | None = None
     reward: Reward | None = None
     response_text: str = ""
+    min_new_tokens: int = 0  # EOS is not sampled before this many tokens (forced lengths)
 
     @property
     def is_finished(self) -> bool:

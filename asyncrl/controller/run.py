@@ -171,7 +171,8 @@ def _prompt_sources(
             - config.rollout.max_new_tokens)
     if "train_file" in files:
         rows = tokenize_checked("data.train_file", files["train_file"], tokenizer, room,
-                                need_answers=config.reward.fn in REWARDS_NEEDING_ANSWERS)
+                                need_answers=config.reward.fn in REWARDS_NEEDING_ANSWERS,
+                                default_budget=config.rollout.max_new_tokens)
         train = FilePrompts(rows, config.run.seed)
     else:
         train = ProceduralPrompts(task, tokenizer, config.run.seed,

@@ -109,7 +109,7 @@ def read_jsonl(field: str, path: str, prompt_key: str, answer_key: str) -> list[
 
 def tokenize_checked(
     field: str, prompts: list[Prompt], tokenizer: Any, max_prompt_tokens: int,
-    *, need_answers: bool = False,
+    *, need_answers: bool = False, default_budget: int = 0,
 ) -> list[Prompt]:
     """Fill input_ids; a prompt the tokenizer cannot represent, or that leaves no room for the
     answer, or (with need_answers) has no answer, is an error naming its line (prompt ids
@@ -135,13 +135,37 @@ def tokenize_checked(
             raise ConfigError(
                 f"{field}: {prompt.prompt_id}: no answer, and it is scored against one (the "
                 "task scorer and exact_match need it); add it under data.answer_key")
-        if len(prompt.input_ids) > max_prompt_tokens:
+        room = max_prompt_tokens
+        if "max_new_tokens" in prompt.metadata or "min_new_tokens" in prompt.metadata:
+            budget = _budget(field, prompt, default_budget)
+            room = max_prompt_tokens + default_budget - budget
+            if room < 1:
+                raise ConfigError(
+                    f"{field}: {prompt.prompt_id}: max_new_tokens={budget} leaves no room for "
+                    f"the prompt in the model's {max_prompt_tokens + default_budget} positions; "
+                    "lower it")
+        if len(prompt.input_ids) > room:
             raise ConfigError(
                 f"{field}: {prompt.prompt_id}: the prompt has {len(prompt.input_ids)} tokens, "
-                f"more than the {max_prompt_tokens} the model has room for beside "
+                f"more than the {room} the model has room for beside "
                 "rollout.max_new_tokens; shorten it or drop the line"
             )
     return prompts
+
+
+def _budget(field: str, prompt: Prompt, default: int) -> int:
+    """A prompt's own `max_new_tokens` (and `min_new_tokens` below it), checked."""
+    values = {}
+    for key in ("max_new_tokens", "min_new_tokens"):
+        value = prompt.metadata.get(key, default if key == "max_new_tokens" else 0)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ConfigError(f"{field}: {prompt.prompt_id}: {key} must be a non-negative "
+                              f"integer (got {value!r})")
+        values[key] = value
+    if values["max_new_tokens"] < 1 or values["min_new_tokens"] > values["max_new_tokens"]:
+        raise ConfigError(f"{field}: {prompt.prompt_id}: need 0 <= min_new_tokens <= "
+                          f"max_new_tokens and max_new_tokens >= 1 (got {values})")
+    return values["max_new_tokens"]
 
 
 class FilePrompts(_CursorStream):

@@ -379,3 +379,20 @@ async def test_first_tokens_follow_the_models_distribution(engine, model_dir, to
     probs = probs[: len(counts)]
     stderr = (probs * (1 - probs) / 4000).sqrt()
     assert ((counts / 4000 - probs).abs() <= 4 * stderr + 1e-3).all()
+
+
+async def test_min_new_tokens_holds_off_eos_until_the_floor(engine, model_dir, tokenizer):
+    # EOS made the argmax everywhere: without a floor a sample stops at once; with
+    # min_new_tokens=4 it stops exactly at token 5 (EOS sampled as soon as it is allowed).
+    eos_model = _load(model_dir)
+    eos_id = tokenizer.eos_token_id
+    with torch.no_grad():
+        eos_model.lm_head.weight[eos_id] = 50 * eos_model.lm_head.weight[eos_id].sign()
+    await engine.update_weights(eos_model.state_dict().items(), policy_version=1)
+    free, floored = make_samples(tokenizer, ["sort:1=", "sort:2="], n=1, max_new_tokens=8)
+    floored.min_new_tokens = 4
+    await engine.generate([free, floored], SamplingParams(temperature=1.0))
+    assert free.response_ids == [eos_id]
+    assert len(floored.response_ids) == 5 and floored.response_ids[-1] == eos_id
+    assert eos_id not in floored.response_ids[:4]
+    assert floored.finish_reason is FinishReason.STOP

@@ -136,6 +136,12 @@ BAD_DATASETS = [
     ([json.dumps({"prompt": "sort:" + "1" * 200 + "=", "answer": "1"}).encode()],
      "data.jsonl:1: the prompt has 206 tokens"),
     ([b'{"prompt": "sort:21="}'], "data.jsonl:1: no answer, and it is scored against one"),
+    ([b'{"prompt": "sort:21=", "answer": "12", "max_new_tokens": "8"}'],
+     "data.jsonl:1: max_new_tokens must be a non-negative integer"),
+    ([b'{"prompt": "sort:21=", "answer": "12", "max_new_tokens": 4, "min_new_tokens": 6}'],
+     "data.jsonl:1: need 0 <= min_new_tokens <= max_new_tokens"),
+    ([b'{"prompt": "sort:21=", "answer": "12", "max_new_tokens": 500}'],
+     "data.jsonl:1: max_new_tokens=500 leaves no room for the prompt"),
 ]
 
 
@@ -155,3 +161,17 @@ def test_a_directory_or_missing_eval_file_is_named(tmp_path):
         config = load_config(None, [f"run.output_dir={tmp_path}", f"data.eval_file={path}"])
         with pytest.raises(ConfigError, match=f"data.eval_file: .* {message}"):
             prepare(config)
+
+
+def test_a_prompt_may_carry_its_own_generation_budget(tmp_path):
+    from asyncrl.controller.pools import new_samples
+
+    path = tmp_path / "data.jsonl"
+    rows = [{"prompt": "sort:21=", "answer": "12", "max_new_tokens": 6, "min_new_tokens": 6},
+            {"prompt": "sort:3=", "answer": "3"}]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    ctx = prepare(load_config(None, [f"run.output_dir={tmp_path}", "model.warm_start.steps=0",
+                                     f"data.train_file={path}"]))
+    budgets = {p.text: [(s.max_new_tokens, s.min_new_tokens) for s in new_samples(p, 2, 8)]
+               for p in ctx.train_prompts.take(2)}
+    assert budgets == {"sort:21=": [(6, 6)] * 2, "sort:3=": [(8, 0)] * 2}

@@ -299,7 +299,14 @@ class CpuEngine:
         batch = self._batch
         uniforms = [_uniform(self._seed, r.sample.sample_id, len(r.sample.response_ids))
                     for r in batch.rows]
-        tokens, logprobs = _sample(batch.logits, [r.request.params for r in batch.rows],
+        logits = batch.logits
+        short = [i for i, r in enumerate(batch.rows)
+                 if len(r.sample.response_ids) < r.sample.min_new_tokens]
+        if short and self._eos:  # EOS masked until min_new_tokens (logprobs of that distribution)
+            logits = logits.clone()
+            eos = torch.tensor(sorted(self._eos))
+            logits[torch.tensor(short)[:, None], eos[None, :]] = -torch.inf
+        tokens, logprobs = _sample(logits, [r.request.params for r in batch.rows],
                                    torch.tensor(uniforms, device=batch.logits.device))
         keep = []
         for i, (row, tok, lp) in enumerate(zip(batch.rows, tokens.tolist(), logprobs.tolist(),

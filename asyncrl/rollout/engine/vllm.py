@@ -299,6 +299,7 @@ class VllmEngine:
         vllm_params = VllmSamplingParams(
             n=1, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
             max_tokens=sample.remaining_tokens, logprobs=0, flat_logprobs=True,
+            min_tokens=max(0, sample.min_new_tokens - len(sample.response_ids)),
             detokenize=False, output_kind=RequestOutputKind.DELTA,
             # Draws keyed by (seed, sample, where this request starts), not by what else is
             # in the batch or when the request arrived.
