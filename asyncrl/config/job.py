@@ -220,6 +220,9 @@ class TrainerConfig(Section):
     """GPUs Ray reserves for the trainer actor (1 with device 'cuda')."""
     resources: dict[str, float] = {}
     """Custom Ray resources the trainer needs (places it on its own nodes)."""
+    call_timeout_s: float = Field(1800.0, gt=0)
+    """Longest one trainer call (a training step, a weight broadcast) may take; past it the
+    trainer counts as hung and the job restarts from its newest checkpoint."""
     lr: float = Field(3e-4, gt=0)
     """AdamW learning rate."""
     lr_schedule: Literal["constant", "linear", "cosine"] = "linear"

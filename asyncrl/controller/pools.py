@@ -129,8 +129,9 @@ class Pools:
 
     async def train(self, batch) -> dict[str, float]:
         self.rollout.set_trainer_version(self.trainer_version + self.ctx.config.trainer.minibatches)
-        metrics = await _on_trainer(self.trainer.step(batch))
-        self.trainer_version = await _on_trainer(self.trainer.policy_version())
+        timeout = self.ctx.config.trainer.call_timeout_s
+        metrics = await _on_trainer(self.trainer.step(batch), timeout)
+        self.trainer_version = await _on_trainer(self.trainer.policy_version(), timeout)
         return metrics
 
     async def form_weight_group(self) -> None:
@@ -152,7 +153,7 @@ class Pools:
     async def sync_weights(self) -> dict[str, float]:
         """Broadcast the trainer's weights; returns once every worker has loaded them."""
         stats, *versions = await asyncio.gather(
-            _on_trainer(self.trainer.broadcast_weights()),
+            _on_trainer(self.trainer.broadcast_weights(), self.ctx.config.trainer.call_timeout_s),
             *(w.receive_weights() for w in self.workers))
         assert all(v == self.trainer_version for v in versions), (versions, self.trainer_version)
         return stats
@@ -270,13 +271,15 @@ def _score_eval(task, prompt: Prompt, response: str):
     return task.score(response, prompt.answer or "")
 
 
-async def _on_trainer(call):
-    """Await a trainer call; its death becomes TrainerLost (the job restarts from a checkpoint),
-    not a rollout worker's loss."""
+async def _on_trainer(call, timeout_s: float):
+    """Await a trainer call; its death, or a hang past trainer.call_timeout_s, becomes
+    TrainerLost (the job restarts from a checkpoint), not a rollout worker's loss."""
     try:
-        return await call
+        return await asyncio.wait_for(call, timeout_s)
     except WorkerLost as exc:
         raise TrainerLost(str(exc)) from exc
+    except TimeoutError:
+        raise TrainerLost(f"no answer within trainer.call_timeout_s={timeout_s}s") from None
 
 
 def _reward_pool(ctx: JobContext) -> RewardPool:

@@ -108,3 +108,15 @@ def test_resume_in_sync_mode_gives_the_same_weights_as_the_uninterrupted_run(ray
     for name in expected:
         assert not torch.equal(expected[name], initial[name]) or "norm" in name  # it trained
         torch.testing.assert_close(got[name], expected[name], atol=1e-6, rtol=1e-5)
+
+
+def test_a_hung_trainer_call_ends_the_run_with_a_clear_error_when_no_checkpoint_exists(
+    ray_local, tmp_path
+):
+    from asyncrl.errors import AsyncrlError
+
+    config = load_config(None, [f"run.output_dir={tmp_path}", "run.name=hang", "run.steps=2",
+                                "trainer.call_timeout_s=0.001", *SMALL])
+    with pytest.raises(AsyncrlError, match=r"trainer.call_timeout_s=0.001s\); no checkpoint to "
+                                           r"restart from: set run.checkpoint_every"):
+        run(config, progress=False)
