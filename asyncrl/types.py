@@ -75,6 +75,7 @@ class Prompt:
     input_ids: list[int]
     answer: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    attempt: int = 0  # times its group was dropped as stale and the prompt re-queued
 
 
 @dataclass(slots=True)

@@ -32,7 +32,7 @@ from asyncrl.controller.pools import Pools, batch_stats
 from asyncrl.controller.run import JobContext, RunResult
 from asyncrl.errors import AsyncrlError, WorkerLost
 from asyncrl.metrics.names import RunMetrics
-from asyncrl.metrics.report import StepProgress
+from asyncrl.metrics.report import StepProgress, write_ledger
 from asyncrl.metrics.server import MetricsServer
 from asyncrl.sync.broadcast import WeightSyncTimeout
 from asyncrl.types import Group, TrainBatch
@@ -190,6 +190,7 @@ async def run_loop(
         if not result.interrupted:
             result.final_model = await pools.save_final()
         result.ledger = await pools.data.stats()
+        write_ledger(ctx.run_dir / "ledger.jsonl", await pools.data.fates())
     finally:
         await controller.stop_producer()
         pools.close()

@@ -41,11 +41,12 @@ log = logging.getLogger(__name__)
 def new_samples(prompt: Prompt, n: int, max_new_tokens: int) -> list[Sample]:
     """The n samples of a prompt. A prompt may set its own budget: `max_new_tokens` and
     `min_new_tokens` in its metadata (e.g. JSONL fields) override rollout.max_new_tokens and
-    force lengths (benchmarks of long-tail loads)."""
+    force lengths (benchmarks of long-tail loads). Ids are unique per attempt of the prompt."""
     budget = int(prompt.metadata.get("max_new_tokens", max_new_tokens))
     floor = min(int(prompt.metadata.get("min_new_tokens", 0)), budget)
+    retry = f"~{prompt.attempt}" if prompt.attempt else ""
     return [
-        Sample(sample_id=f"{prompt.prompt_id}/{i}", prompt_id=prompt.prompt_id,
+        Sample(sample_id=f"{prompt.prompt_id}/{i}{retry}", prompt_id=prompt.prompt_id,
                prompt_ids=list(prompt.input_ids), max_new_tokens=budget, min_new_tokens=floor)
         for i in range(n)
     ]

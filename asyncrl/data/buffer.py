@@ -9,7 +9,9 @@ Life of a sample (the ledger counts every one of them exactly once at any time):
                    │
                    ▼ dropped: stale_partial (replaced by a fresh sample of the same prompt)
 
-`started == trained + Σ dropped[reason] + pending` always holds (`ledger()` checks it).
+`started == trained + Σ dropped[reason] + pending` always holds (`ledger()` checks it). Every
+sample id also has its own fate (`fates`: pending, trained@VERSION or dropped:REASON); an id
+that would be started twice, or given a second final fate, is counted under `duplicates`.
 
 Staleness (asyncrl.algo.staleness) of a group = trainer version − oldest token version in it.
 A ready group older than η when a batch is taken is dropped (reason "stale") and its prompt is
@@ -20,8 +22,8 @@ be trained; it is dropped (reason "stale_partial") and a fresh sample takes its 
 from __future__ import annotations
 
 import itertools
-from collections import OrderedDict, deque
-from dataclasses import dataclass, field
+from collections import Counter, OrderedDict, deque
+from dataclasses import dataclass, field, replace
 
 from asyncrl.algo.staleness import staleness
 from asyncrl.types import DropReason, FinishReason, Group, Prompt, Sample
@@ -70,6 +72,8 @@ class GroupBuffer:
         self.trained = 0
         self.resumed = 0  # partials continued from their tokens (not part of the balance)
         self.dropped: dict[str, int] = {}
+        self.fates: dict[str, str] = {}  # sample_id → pending | trained@V | dropped:REASON
+        self.duplicates = 0
 
     # --- intake -------------------------------------------------------------------------
     def start_group(self, prompt: Prompt, samples: list[Sample]) -> None:
@@ -77,6 +81,8 @@ class GroupBuffer:
         self._groups[prompt.prompt_id] = _GroupState(prompt, len(samples))
         self.started += len(samples)
         self._in_flight.update((s.sample_id, s) for s in samples)
+        for s in samples:
+            self._begin(s.sample_id)
 
     def resume(self, samples: list[Sample]) -> None:
         """Partials taken from the pool were dispatched again."""
@@ -106,10 +112,22 @@ class GroupBuffer:
         if decision.keep:
             self._ready.append(group)
         else:
-            self._drop(len(group.samples), decision.reason)
+            self._drop(group.samples, decision.reason)
 
-    def _drop(self, count: int, reason: str) -> None:
-        self.dropped[reason] = self.dropped.get(reason, 0) + count
+    def _drop(self, samples: list[Sample], reason: str) -> None:
+        self.dropped[reason] = self.dropped.get(reason, 0) + len(samples)
+        for s in samples:
+            self._settle(s.sample_id, f"dropped:{reason}")
+
+    def _begin(self, sample_id: str) -> None:
+        if sample_id in self.fates:
+            self.duplicates += 1
+        self.fates[sample_id] = "pending"
+
+    def _settle(self, sample_id: str, fate: str) -> None:
+        if self.fates.get(sample_id) != "pending":
+            self.duplicates += 1
+        self.fates[sample_id] = fate
 
     # --- output -------------------------------------------------------------------------
     def take_partials(self, trainer_version: int) -> list[list[Sample]]:
@@ -119,7 +137,7 @@ class GroupBuffer:
             _, s = self._partials.popitem(last=False)
             oldest = s.oldest_version
             if oldest is not None and trainer_version - oldest > self.max_staleness:
-                self._drop(1, DropReason.STALE_PARTIAL)
+                self._drop([s], DropReason.STALE_PARTIAL)
                 s = self._fresh_copy(s)
             elif s.response_ids:
                 self.resumed += 1
@@ -130,10 +148,13 @@ class GroupBuffer:
 
     def _fresh_copy(self, s: Sample) -> Sample:
         self.started += 1
-        return Sample(
+        fresh = Sample(
             sample_id=f"{s.sample_id.split('#')[0]}#{next(self._fresh_ids)}", prompt_id=s.prompt_id,
             prompt_ids=s.prompt_ids, max_new_tokens=s.max_new_tokens,
+            min_new_tokens=s.min_new_tokens,
         )
+        self._begin(fresh.sample_id)
+        return fresh
 
     def take_requeued(self) -> Prompt | None:
         return self._requeued.popleft() if self._requeued else None
@@ -143,8 +164,8 @@ class GroupBuffer:
         fresh: deque[Group] = deque()
         for group in self._ready:
             if group_staleness(group, trainer_version) > self.max_staleness:
-                self._drop(len(group.samples), DropReason.STALE)
-                self._requeued.append(group.prompt)
+                self._drop(group.samples, DropReason.STALE)
+                self._requeued.append(replace(group.prompt, attempt=group.prompt.attempt + 1))
             else:
                 fresh.append(group)
         self._ready = fresh
@@ -152,6 +173,9 @@ class GroupBuffer:
             return None
         batch = [self._ready.popleft() for _ in range(n_groups)]
         self.trained += sum(len(g.samples) for g in batch)
+        for group in batch:
+            for s in group.samples:
+                self._settle(s.sample_id, f"trained@{trainer_version}")
         self._training += n_groups
         return batch
 
@@ -185,7 +209,15 @@ class GroupBuffer:
                **{f"dropped/{k}": v for k, v in sorted(self.dropped.items())}}
         out["balance"] = self.started - self.trained - self.pending - sum(self.dropped.values())
         out["resumed"] = self.resumed
+        out["duplicates"] = self.duplicates
         return out
+
+    def fate_counts(self) -> dict[str, int]:
+        """The ledger recounted from the per-id fates: must equal `ledger()`'s counters."""
+        kinds = Counter(f.partition("@")[0] for f in self.fates.values())
+        return {"started": len(self.fates), "trained": kinds.pop("trained", 0),
+                "pending": kinds.pop("pending", 0),
+                **{k.replace(":", "/"): v for k, v in sorted(kinds.items())}}
 
     # --- checkpoint ---------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -200,6 +232,7 @@ class GroupBuffer:
             "resumed": self.resumed,
             "dropped": dict(self.dropped),
             "fresh_ids": next(self._fresh_ids),
+            "fates": dict(self.fates), "duplicates": self.duplicates,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -214,3 +247,4 @@ class GroupBuffer:
         self._training, self.resumed = state["training"], state["resumed"]
         self.dropped = dict(state["dropped"])
         self._fresh_ids = itertools.count(state["fresh_ids"])
+        self.fates, self.duplicates = dict(state["fates"]), state["duplicates"]

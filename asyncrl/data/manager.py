@@ -82,6 +82,13 @@ class DataManager:
         return {"ready_groups": b.ready_groups, "active_groups": b.active_groups,
                 "partial_samples": b.partial_count, **b.ledger()}
 
+    async def fates(self) -> dict[str, str]:
+        """Every sample id's fate: pending, trained@VERSION or dropped:REASON."""
+        return dict(self._buffer.fates)
+
+    async def fate_counts(self) -> dict[str, int]:
+        return self._buffer.fate_counts()
+
     async def state_dict(self) -> dict:
         return self._buffer.state_dict()
 

@@ -56,3 +56,10 @@ class StepProgress:
     def update(self, completed: int, **fields: float) -> None:
         status = "  ".join(f"{k} {v:.3g}" for k, v in fields.items())
         self._progress.update(self._task, completed=completed, status=status)
+
+
+def write_ledger(path: Path, fates: dict[str, str]) -> None:
+    """One JSON line per sample id with its fate (pending, trained@VERSION, dropped:REASON)."""
+    with path.open("w") as out:
+        for sample_id, fate in sorted(fates.items()):
+            out.write(json.dumps({"sample_id": sample_id, "fate": fate}) + "\n")

@@ -4,6 +4,7 @@ older than η — before and after the trainer's restart from its checkpoint."""
 
 from __future__ import annotations
 
+import json
 import random
 import threading
 
@@ -75,8 +76,12 @@ def test_random_kills_of_every_pool_lose_no_sample_and_keep_staleness_bounded(
     killed_roles = {n.split("/")[1].rsplit("-", 1)[0] for n in monkey.killed}
     assert {"rollout-worker", "trainer-rank"} <= killed_roles, monkey.killed
     assert result.restarts == 1
-    assert result.ledger["balance"] == 0
+    assert result.ledger["balance"] == 0 and result.ledger["duplicates"] == 0
     assert result.final_model is not None
+    fates = [json.loads(line)["fate"] for line in (result.run_dir / "ledger.jsonl").open()]
+    assert len(fates) == result.ledger["started"]  # every sample id, each once
+    assert sum(f.startswith("trained@") for f in fates) == result.ledger["trained"]
+    assert sum(f == "pending" for f in fates) == result.ledger["pending"]
     rows = [r for r in read_metrics(result.run_dir / "metrics.jsonl") if "time/step_s" in r]
     assert max(r["step"] for r in rows) == 16
     assert all(r["staleness/max"] <= ETA for r in rows)

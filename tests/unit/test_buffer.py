@@ -33,8 +33,13 @@ def _abort(s: Sample, version: int, tokens: int = 1) -> Sample:
 
 
 def _balanced(buf: GroupBuffer) -> dict[str, int]:
+    """The ledger balances, no id was started or settled twice, and recounting the per-id
+    fates gives the same numbers as the counters."""
     ledger = buf.ledger()
     assert ledger["balance"] == 0, ledger
+    assert ledger.pop("duplicates") == 0
+    counters = {k: v for k, v in ledger.items() if k not in ("balance", "resumed")}
+    assert buf.fate_counts() == counters
     return ledger
 
 
@@ -65,7 +70,8 @@ def test_group_older_than_eta_is_dropped_with_a_reason_and_its_prompt_requeued()
     buf.add([_finish(samples[0], 0, 1.0), _finish(samples[1], 1, 0.0)])
     assert buf.pop_batch(1, trainer_version=2) is None
     assert buf.dropped == {"stale": 2}
-    assert buf.take_requeued() is p
+    requeued = buf.take_requeued()
+    assert (requeued.prompt_id, requeued.text, requeued.attempt) == ("p0", "q0", 1)
     _balanced(buf)
 
 
@@ -154,3 +160,32 @@ def test_state_round_trip_keeps_every_sample_once_and_in_flight_becomes_partial(
     # p1 has rewards (1, 1); no dynamic filter here, so it is ready.
     assert restored.pop_batch(2, trainer_version=1) is not None
     _balanced(restored)
+
+
+def test_every_sample_id_gets_exactly_one_fate_and_a_requeued_prompt_new_ids():
+    buf = GroupBuffer(group_size=2, max_staleness=0, drop_all_equal=True)
+    stale, equal, good = (_prompt(i) for i in range(3))
+    for p, rewards in [(stale, (1.0, 0.0)), (equal, (1.0, 1.0)), (good, (1.0, 0.0))]:
+        samples = _samples(p, 2)
+        buf.start_group(p, samples)
+        version = 0 if p is stale else 1
+        buf.add([_finish(s, version, r) for s, r in zip(samples, rewards, strict=True)])
+    assert buf.pop_batch(1, trainer_version=1)[0].prompt is good
+    retry = buf.take_requeued()
+    assert retry.prompt_id == "p0" and retry.attempt == 1
+    assert buf.fates == {"p0/0": "dropped:stale", "p0/1": "dropped:stale",
+                         "p1/0": "dropped:all_equal_reward", "p1/1": "dropped:all_equal_reward",
+                         "p2/0": "trained@1", "p2/1": "trained@1"}
+    _balanced(buf)
+    buf.start_group(retry, _samples(retry, 2))  # the same ids again: a duplicate, counted
+    assert buf.ledger()["duplicates"] == 2
+
+
+def test_pools_give_a_requeued_prompt_fresh_sample_ids():
+    from dataclasses import replace
+
+    from asyncrl.controller.pools import new_samples
+
+    first = [s.sample_id for s in new_samples(_prompt(0), 2, 4)]
+    again = [s.sample_id for s in new_samples(replace(_prompt(0), attempt=1), 2, 4)]
+    assert first == ["p0/0", "p0/1"] and again == ["p0/0~1", "p0/1~1"]
