@@ -28,6 +28,7 @@ from pathlib import Path
 
 from asyncrl.algo.staleness import staleness
 from asyncrl.controller.checkpoint import checkpoint_path
+from asyncrl.controller.control import ControlFile
 from asyncrl.controller.pools import Pools, batch_stats
 from asyncrl.controller.run import JobContext, RunResult
 from asyncrl.errors import AsyncrlError, WorkerLost
@@ -62,6 +63,7 @@ class Controller:
         pools, cfg = self.pools, self.ctx.config
         t0 = time.perf_counter()
         tokens_before = pools.rollout.generated_tokens
+        rollout_busy, reward_busy = pools.rollout.busy_time(), pools.reward.busy_s
         version = pools.trainer_version
         groups = await self._next_batch(version)
         groups.sort(key=lambda g: g.prompt.prompt_id)  # arrival order is timing: keep it out
@@ -76,6 +78,8 @@ class Controller:
         sync_stats = await self._sync_weights()
         await pools.data.release_batch(len(groups))
         t3 = time.perf_counter()
+        rollout_busy, reward_busy = (pools.rollout.busy_time() - rollout_busy,
+                                     pools.reward.busy_s - reward_busy)
         data_stats = await pools.data.stats()
         record = {
             "policy_version": pools.trainer_version,
@@ -91,6 +95,11 @@ class Controller:
             "rollout/step_tokens": float(pools.rollout.generated_tokens - tokens_before),
             "perf/tokens_per_s": (pools.rollout.generated_tokens - tokens_before) / (t3 - t0),
             "rollout/in_flight": float(pools.rollout.in_flight),
+            "rollout/workers": float(len(pools.workers)),
+            # Busy fractions: the share of this step each pool spent working (per worker).
+            "busy/rollout": rollout_busy / (max(len(pools.workers), 1) * (t3 - t0)),
+            "busy/reward": min(1.0, reward_busy / (len(pools.reward.workers) * (t3 - t0))),
+            "busy/trainer": (t2 - t1) / (t3 - t0),
         }
         return record, groups
 
@@ -144,6 +153,7 @@ async def run_loop(
     pools = await Pools.start(ctx)
     controller = Controller(pools)
     sigterm = _on_sigterm()
+    control = ControlFile(ctx.run_dir)
     metrics = RunMetrics()
     server = None
     if cfg.metrics.port is not None:
@@ -161,6 +171,8 @@ async def run_loop(
         last = time.perf_counter()
         with StepProgress(cfg.run.steps, f"train ({cfg.mode})") as bar:
             for step in range(start + 1, cfg.run.steps + 1):
+                if scale := control.poll().get("rollout_workers"):
+                    await pools.scale_rollout(scale)
                 record, groups = await controller.step()
                 if step % cfg.run.eval_every == 0 or step == cfg.run.steps:
                     t0 = time.perf_counter()

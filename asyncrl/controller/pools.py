@@ -171,6 +171,26 @@ class Pools:
         await self.rebuild_weight_group(sync=True)
         return worker
 
+    async def scale_rollout(self, target: int) -> int:
+        """Grow or shrink the rollout pool to `target` workers while the run goes on: a new
+        worker gets the current weights before its first request; a removed one's in-flight
+        requests come back as partials and are resumed elsewhere. Returns the change."""
+        if target < 1:
+            raise AsyncrlError(f"rollout workers: need at least 1 (asked for {target})")
+        change = target - len(self.workers)
+        for _ in range(change):
+            await self.add_worker()
+        if change < 0:
+            leaving = self.workers[change:]
+            for worker in leaving:
+                await self.rollout.retire_worker(worker.name)
+            self.workers = self.workers[:change]
+            kill_all(leaving)
+            await self.rebuild_weight_group(sync=False)  # the rest hold the current weights
+        if change:
+            log.info("rollout pool scaled to %d workers (%+d)", len(self.workers), change)
+        return change
+
     async def replace_lost_workers(self) -> int:
         """Replace every rollout worker that died (or no longer answers) with a fresh one that
         receives the current weights; their in-flight samples were already re-queued by the

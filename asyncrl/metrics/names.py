@@ -14,6 +14,7 @@ from asyncrl.types import DropReason
 
 STALENESS_BUCKETS = (0, 1, 2, 3, 4, 6, 8, 16)
 PHASES = ("wait_batch", "train", "sync", "eval")
+POOLS = ("rollout", "reward", "trainer")
 # Series shown at 0 from the start; any other reason a reward reports appears when first seen.
 COMMON_REWARD_FAILURES = ("timeout", "error", "crash", "remote", "pool")
 
@@ -56,6 +57,13 @@ class RunMetrics:
             self.reward_failures.labels(reason)
         self.rewards_scored = Counter(
             "asyncrl_reward_scored_samples", "Samples scored by the reward pool", registry=r)
+        self.busy = Gauge(
+            "asyncrl_pool_busy_fraction", "Share of the last step each pool spent working",
+            ["pool"], registry=r)
+        for pool in POOLS:
+            self.busy.labels(pool)
+        self.rollout_workers = Gauge(
+            "asyncrl_rollout_workers", "Rollout workers in the pool", registry=r)
         self._seen: dict[str, float] = {}  # last cumulative value of each counter-like key
 
     def observe_step(self, record: dict[str, float], staleness: Iterable[int]) -> None:
@@ -77,6 +85,11 @@ class RunMetrics:
                 self.rewards_scored.inc(self._delta(key, total))
         if record.get("reward/mean") == record.get("reward/mean"):  # not NaN
             self.reward_mean.set(record["reward/mean"])
+        for pool in POOLS:
+            if f"busy/{pool}" in record:
+                self.busy.labels(pool).set(record[f"busy/{pool}"])
+        if "rollout/workers" in record:
+            self.rollout_workers.set(record["rollout/workers"])
         if "eval/accuracy" in record:
             self.eval_accuracy.set(record["eval/accuracy"])
         for phase in PHASES:

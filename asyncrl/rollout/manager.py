@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -62,7 +63,9 @@ class RolloutManager:
         self._m, self._oversample = versions_per_batch, oversample
         self.trainer_version = 0
         self._wake = asyncio.Event()
-        self._tasks: set[asyncio.Task] = set()
+        self._tasks: dict[asyncio.Task, str] = {}  # request → the worker it went to
+        self._busy_since: dict[str, float] = {}  # worker → when its load last left 0
+        self.busy_s = 0.0  # Σ over workers of time with at least one request in flight
         self.generated_tokens = 0
         self.lost_workers: list[str] = []  # died since the controller last replaced workers
 
@@ -110,10 +113,24 @@ class RolloutManager:
 
     def _dispatch(self, samples: list[Sample]) -> None:
         name = min(self._load, key=self._load.get)
+        if not self._load[name]:
+            self._busy_since[name] = time.perf_counter()
         self._load[name] += len(samples)
         task = asyncio.create_task(self._request(name, samples))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._tasks[task] = name
+        task.add_done_callback(lambda t: self._tasks.pop(t, None))
+
+    def _unload(self, name: str, count: int) -> None:
+        if name not in self._load:
+            return
+        self._load[name] -= count
+        if not self._load[name]:
+            self.busy_s += time.perf_counter() - self._busy_since.pop(name)
+
+    def busy_time(self) -> float:
+        """Σ busy seconds so far, including the current stretch of busy workers."""
+        now = time.perf_counter()
+        return self.busy_s + sum(now - t for t in self._busy_since.values())
 
     async def _request(self, name: str, samples: list[Sample]) -> None:
         before = sum(len(s.response_ids) for s in samples)
@@ -127,8 +144,7 @@ class RolloutManager:
             await self._data.requeue_lost(samples)
             return
         finally:
-            if name in self._load:
-                self._load[name] -= len(samples)
+            self._unload(name, len(samples))
         self.generated_tokens += sum(len(s.response_ids) for s in out) - before
         await self._score([s for s in out if s.is_finished])
         await self._data.put(out)
@@ -146,6 +162,21 @@ class RolloutManager:
     def remove_worker(self, name: str) -> None:
         self._workers.pop(name, None)
         self._load.pop(name, None)
+        if name in self._busy_since:
+            self.busy_s += time.perf_counter() - self._busy_since.pop(name)
+
+    async def retire_worker(self, name: str) -> None:
+        """Scale down: no more requests to `name`; its in-flight requests are interrupted and
+        come back as partials (resumed by other workers). Returns once they are back."""
+        worker = self._workers[name]
+        requests = [task for task, owner in self._tasks.items() if owner == name]
+        self.remove_worker(name)
+        await worker.abort(None)
+        await asyncio.gather(*requests, return_exceptions=True)
+
+    @property
+    def workers(self) -> int:
+        return len(self._workers)
 
     async def drain(self) -> None:
         """Wait for every dispatched request to come back."""

@@ -21,7 +21,8 @@ DOCUMENTED = {
     "asyncrl_buffer_partial_samples", "asyncrl_samples_dropped",
     "asyncrl_sample_staleness_versions", "asyncrl_reward_mean", "asyncrl_eval_accuracy",
     "asyncrl_step_phase_seconds", "asyncrl_weight_sync_seconds", "asyncrl_weight_sync_bytes",
-    "asyncrl_reward_failures", "asyncrl_reward_scored_samples",
+    "asyncrl_reward_failures", "asyncrl_reward_scored_samples", "asyncrl_pool_busy_fraction",
+    "asyncrl_rollout_workers",
 }
 
 
