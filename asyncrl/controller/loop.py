@@ -33,7 +33,7 @@ from asyncrl.controller.pools import Pools, batch_stats
 from asyncrl.controller.run import JobContext, RunResult
 from asyncrl.errors import AsyncrlError, WorkerLost
 from asyncrl.metrics.names import RunMetrics
-from asyncrl.metrics.report import StepProgress, write_ledger
+from asyncrl.metrics.report import StepProgress, setup_phase, write_ledger
 from asyncrl.metrics.server import MetricsServer
 from asyncrl.sync.broadcast import WeightSyncTimeout
 from asyncrl.types import Group, TrainBatch
@@ -150,7 +150,9 @@ async def run_loop(
 ) -> RunResult:
     cfg = ctx.config
     result = RunResult(run_dir=ctx.run_dir)
-    pools = await Pools.start(ctx)
+    with setup_phase(f"starting {cfg.rollout.num_workers} rollout worker(s) "
+                     f"({cfg.rollout.engine}), the trainer ({cfg.trainer.backend}) and rewards"):
+        pools = await Pools.start(ctx)
     controller = Controller(pools)
     sigterm = _on_sigterm()
     control = ControlFile(ctx.run_dir)

@@ -30,7 +30,7 @@ from asyncrl.data.datasets import (
 from asyncrl.data.gym_task import unknown_characters
 from asyncrl.data.tasks import TASKS
 from asyncrl.errors import AsyncrlError, ConfigError, TrainerLost
-from asyncrl.metrics.report import MetricsLog
+from asyncrl.metrics.report import MetricsLog, setup_phase
 from asyncrl.models.prepare import prepare_model
 from asyncrl.reward.pool import RewardSpec
 from asyncrl.types import Prompt
@@ -149,8 +149,10 @@ def prepare(config: JobConfig, *, resume: bool = False) -> JobContext:
     if resume and config.model.path is None:
         model_path = run_dir / INIT_MODEL  # the trainer's weights come from the checkpoint
     else:
-        model_path = prepare_model(config.model, task, seed=seed, exclude=exclude,
-                                   out_dir=run_dir / INIT_MODEL)
+        what = "building the tiny model" if config.model.path is None else "checking the model"
+        with setup_phase(what):
+            model_path = prepare_model(config.model, task, seed=seed, exclude=exclude,
+                                       out_dir=run_dir / INIT_MODEL)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     train_prompts, eval_prompts = _prompt_sources(config, task, tokenizer, model_path, held_out,
                                                   files)
@@ -227,9 +229,10 @@ def run(
 
     ctx = prepare(config, resume=resume)
     resume_from = latest_checkpoint(ctx.run_dir) if resume else None
-    started = init_ray(
-        address=address, num_cpus=config.run.num_cpus, namespace=f"asyncrl-{config.run.name}"
-    )
+    with setup_phase("starting Ray"):
+        started = init_ray(
+            address=address, num_cpus=config.run.num_cpus, namespace=f"asyncrl-{config.run.name}"
+        )
     restarts = 0
     try:
         while True:

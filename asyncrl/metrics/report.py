@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import math
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+log = logging.getLogger(__name__)
 
 
 class MetricsLog:
@@ -56,6 +61,18 @@ class StepProgress:
     def update(self, completed: int, **fields: float) -> None:
         status = "  ".join(f"{k} {v:.3g}" for k, v in fields.items())
         self._progress.update(self._task, completed=completed, status=status)
+
+
+@contextlib.contextmanager
+def setup_phase(description: str) -> Iterator[None]:
+    """A spinner for a long setup step (model build, actor start) on a TTY; always a log line
+    with its duration, so non-interactive logs show where start-up time went."""
+    console = Console(stderr=True)
+    start = time.perf_counter()
+    status = console.status(f"{description}…") if sys.stderr.isatty() else contextlib.nullcontext()
+    with status:
+        yield
+    log.info("%s: done in %.1f s", description, time.perf_counter() - start)
 
 
 def write_ledger(path: Path, fates: dict[str, str]) -> None:
