@@ -1,4 +1,4 @@
-"""`asyncrl` command line: `asyncrl train [CONFIG] [--set a.b=c ...]`, `asyncrl serve-reward`.
+"""`asyncrl` command line: `asyncrl train [CONFIG] [--set a.b=c ...]`, `serve-reward`, `scale`.
 
 User errors (AsyncrlError) print one message and exit with code 2; --debug shows the traceback.
 """
@@ -34,7 +34,29 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--debug", action="store_true", help="show tracebacks of user errors")
     train.add_argument("-q", "--quiet", action="store_true", help="only warnings and the summary")
     _add_serve_reward(sub)
+    scale = sub.add_parser("scale", help="resize a running job's rollout pool")
+    scale.add_argument("run_dir", metavar="RUN_DIR", help="the running job's run directory")
+    scale.add_argument("--rollout-workers", type=int, required=True, metavar="N",
+                       help="rollout workers wanted (applied between training steps)")
+    scale.add_argument("--debug", action="store_true", help="show tracebacks of user errors")
+    scale.add_argument("-q", "--quiet", action="store_true", help="only warnings")
     return parser
+
+
+def _scale(args: argparse.Namespace) -> int:
+    from asyncrl.config import RESOLVED_NAME
+    from asyncrl.controller.control import write_control
+
+    run_dir = Path(args.run_dir)
+    if not (run_dir / RESOLVED_NAME).is_file():
+        raise ConfigError(f"RUN_DIR: {str(run_dir)!r} is not a run directory (no "
+                          f"{RESOLVED_NAME}); pass the directory `asyncrl train` printed")
+    if args.rollout_workers < 1:
+        raise ConfigError(f"--rollout-workers: need at least 1 (got {args.rollout_workers})")
+    path = write_control(run_dir, rollout_workers=args.rollout_workers)
+    print(f"asked for {args.rollout_workers} rollout workers ({path}); the job applies it "
+          "before its next step")
+    return 0
 
 
 def _add_serve_reward(sub: argparse._SubParsersAction) -> None:
@@ -142,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
-        return _serve_reward(args) if args.command == "serve-reward" else _train(args)
+        commands = {"train": _train, "serve-reward": _serve_reward, "scale": _scale}
+        return commands[args.command](args)
     except AsyncrlError as exc:
         if args.debug:
             raise

@@ -62,3 +62,14 @@ def test_a_control_file_is_read_once_per_change_and_a_bad_one_is_ignored(tmp_pat
     assert "ignoring" in caplog.text and "rollout_workers" in caplog.text
     with pytest.raises(ValueError, match="unknown control keys"):
         write_control(tmp_path, gpus=2)
+
+
+def test_asyncrl_scale_writes_the_control_file_and_refuses_a_non_run_dir(tmp_path, capsys):
+    from asyncrl.cli.main import main
+
+    assert main(["scale", str(tmp_path), "--rollout-workers", "2"]) == 2
+    assert "not a run directory" in capsys.readouterr().err
+    (tmp_path / "config.resolved.yaml").write_text("mode: sync\n")
+    assert main(["scale", str(tmp_path), "--rollout-workers", "0"]) == 2
+    assert main(["scale", str(tmp_path), "--rollout-workers", "3"]) == 0
+    assert json.loads((tmp_path / "control.json").read_text()) == {"rollout_workers": 3}
