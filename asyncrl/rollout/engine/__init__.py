@@ -13,7 +13,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from asyncrl.types import Sample, SamplingParams
+from asyncrl.types import FinishReason, Sample, SamplingParams
 
 
 @runtime_checkable
@@ -47,6 +47,29 @@ class RolloutEngine(Protocol):
         ...
 
     async def close(self) -> None: ...
+
+
+def to_continue(engine: str, samples: list[Sample], params: SamplingParams) -> list[Sample]:
+    """Check a `generate` request and return the samples that still need tokens: one already
+    ended by EOS stays STOP, one whose budget is spent becomes LENGTH (both returned as they
+    are). Bad input is a ValueError naming the engine and the field."""
+    if params.temperature < 0:
+        raise ValueError(f"SamplingParams.temperature must be >= 0 (got {params.temperature})")
+    if not 0 < params.top_p <= 1:
+        raise ValueError(f"SamplingParams.top_p must be in (0, 1] (got {params.top_p})")
+    if params.top_k < 0:
+        raise ValueError(f"SamplingParams.top_k must be >= 0, 0 = off (got {params.top_k})")
+    todo = []
+    for s in samples:
+        if not s.prompt_ids and not s.response_ids:
+            raise ValueError(f"{engine}.generate: sample {s.sample_id!r} has no prompt")
+        if s.finish_reason is FinishReason.STOP:
+            continue
+        if s.remaining_tokens <= 0:
+            s.finish_reason = FinishReason.LENGTH
+            continue
+        todo.append(s)
+    return todo
 
 
 ENGINES = ("cpu", "vllm")

@@ -30,6 +30,7 @@ import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
 from asyncrl.models.forward import position_ids_from_mask
+from asyncrl.rollout.engine import to_continue
 from asyncrl.types import FinishReason, Sample, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -149,14 +150,9 @@ class CpuEngine:
     async def generate(self, samples: list[Sample], params: SamplingParams) -> list[Sample]:
         if self._closed:
             raise RuntimeError("CpuEngine.generate: the engine is closed")
-        _check_request(samples, params)
+        todo = to_continue("CpuEngine", samples, params)
         request = _Request(samples, params, asyncio.get_running_loop().create_future())
-        for s in samples:
-            if s.finish_reason is FinishReason.STOP:
-                continue  # already ended by EOS: nothing to continue
-            if s.remaining_tokens <= 0:
-                s.finish_reason = FinishReason.LENGTH
-                continue
+        for s in todo:
             s.finish_reason = None
             request.open += 1
             self._queue.append(_Row(s, request))
@@ -402,18 +398,6 @@ def _top_k_top_p(scaled: torch.Tensor, params: list[SamplingParams]) -> torch.Te
 def _left_pad(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
     """Zeros (False) before `t` along `dim` up to `width`; F.pad lists dims last to first."""
     return torch.nn.functional.pad(t, [0, 0] * (t.dim() - 1 - dim) + [width - t.shape[dim], 0])
-
-
-def _check_request(samples: list[Sample], params: SamplingParams) -> None:
-    for s in samples:
-        if not s.prompt_ids and not s.response_ids:
-            raise ValueError(f"CpuEngine.generate: sample {s.sample_id!r} has no prompt")
-    if params.temperature < 0:
-        raise ValueError(f"SamplingParams.temperature must be >= 0 (got {params.temperature})")
-    if not 0 < params.top_p <= 1:
-        raise ValueError(f"SamplingParams.top_p must be in (0, 1] (got {params.top_p})")
-    if params.top_k < 0:
-        raise ValueError(f"SamplingParams.top_k must be >= 0, 0 = off (got {params.top_k})")
 
 
 def _special_ids(model, eos: int | None, pad: int | None) -> tuple[set[int], int]:

@@ -48,6 +48,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from asyncrl.rollout.engine import to_continue
 from asyncrl.rollout.engine.vllm_ext import join_gloo_group
 from asyncrl.types import FinishReason, Sample, SamplingParams
 
@@ -181,16 +182,9 @@ class VllmEngine:
         if self._closed or self._broken:
             raise RuntimeError(f"VllmEngine.generate: the engine is "
                                f"{'closed' if self._closed else 'unusable: ' + self._broken}")
-        self._check_request(samples, params)
-        todo = []
-        for s in samples:
-            if s.finish_reason is FinishReason.STOP:
-                continue  # already ended by EOS: nothing to continue
-            if s.remaining_tokens <= 0:
-                s.finish_reason = FinishReason.LENGTH
-                continue
+        todo = to_continue("VllmEngine", samples, params)
+        for s in todo:
             self._check_length(s)
-            todo.append(s)
         # In flight from here on (before any await), so an abort finds them.
         entries = [_InFlight(f"{s.sample_id}#{next(self._request_ids)}") for s in todo]
         for s, entry in zip(todo, entries, strict=True):
@@ -418,18 +412,6 @@ class VllmEngine:
                 f"VllmEngine.generate: sample {sample.sample_id!r} needs {context} context + "
                 f"{sample.remaining_tokens} new tokens, over max_model_len "
                 f"{self.max_model_len}; shorten the prompt or max_new_tokens")
-
-    @staticmethod
-    def _check_request(samples: list[Sample], params: SamplingParams) -> None:
-        for s in samples:
-            if not s.prompt_ids and not s.response_ids:
-                raise ValueError(f"VllmEngine.generate: sample {s.sample_id!r} has no prompt")
-        if params.temperature < 0:
-            raise ValueError(f"SamplingParams.temperature must be >= 0 (got {params.temperature})")
-        if not 0 < params.top_p <= 1:
-            raise ValueError(f"SamplingParams.top_p must be in (0, 1] (got {params.top_p})")
-        if params.top_k < 0:
-            raise ValueError(f"SamplingParams.top_k must be >= 0, 0 = off (got {params.top_k})")
 
 
 def _check_cpu_head_size(config, model_path: str) -> None:
