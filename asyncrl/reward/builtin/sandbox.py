@@ -1,6 +1,6 @@
 """Run untrusted Python in a subprocess: resource limits, no network, a fresh directory, a kill.
 
-One `Sandbox.run(code, tests)` starts `python -I -B _harness.py` (see that module for the
+One `Sandbox.run(code, tests)` starts `python -I -B -c <_harness.py>` (see that module for the
 isolation it sets up) with:
 
 - a fresh temporary directory as cwd and HOME, removed afterwards;
@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-HARNESS = Path(__file__).with_name("_harness.py")
+HARNESS_SOURCE = Path(__file__).with_name("_harness.py").read_text()
 STDOUT_CAP = 1 << 20  # result lines; more than this is the program flooding fd 1
 STDERR_TAIL = 4096  # kept for debugging
 TERM_GRACE_S = 1.0  # after SIGTERM, how long the harness gets to tear its namespace down
@@ -106,7 +106,9 @@ class Sandbox:
         start = time.monotonic()
         try:
             proc = await asyncio.create_subprocess_exec(
-                self.python, "-I", "-B", str(HARNESS), stdin=asyncio.subprocess.PIPE,
+                # The source goes on the command line: the sandbox user (maybe not the owner of
+                # this checkout) need not be able to read the package's files.
+                self.python, "-I", "-B", "-c", HARNESS_SOURCE, stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=workdir,
                 env=env, start_new_session=True)
             out, err, timed_out = await self._communicate(proc, payload, nonce)
