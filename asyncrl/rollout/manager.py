@@ -21,6 +21,7 @@ go to the partial pool and are resumed first, from their tokens, under newer wei
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -151,8 +152,18 @@ class RolloutManager:
 
     # --- control ---------------------------------------------------------------------------
     async def abort_in_flight(self) -> None:
-        """APRIL: interrupt every in-flight request; partials come back through `_request`."""
-        await asyncio.gather(*(w.abort(None) for w in self._workers.values()))
+        """APRIL: interrupt every in-flight request; partials come back through `_request`.
+        A worker found dead here is left to `_request`, which re-queues its samples."""
+        workers = list(self._workers.items())
+        results = await asyncio.gather(*(w.abort(None) for _, w in workers),
+                                       return_exceptions=True)
+        for (name, _), result in zip(workers, results, strict=True):
+            if isinstance(result, WorkerLost):
+                log.warning("%s; its requests will be re-queued", result)
+                if name not in self.lost_workers:
+                    self.lost_workers.append(name)
+            elif isinstance(result, BaseException):
+                raise result
 
     def add_worker(self, worker: Any) -> None:
         self._workers[worker.name] = worker
@@ -171,7 +182,8 @@ class RolloutManager:
         worker = self._workers[name]
         requests = [task for task, owner in self._tasks.items() if owner == name]
         self.remove_worker(name)
-        await worker.abort(None)
+        with contextlib.suppress(WorkerLost):  # dead already: `_request` re-queues its samples
+            await worker.abort(None)
         await asyncio.gather(*requests, return_exceptions=True)
 
     @property

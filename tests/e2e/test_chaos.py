@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import random
 import threading
+import time
 
 import pytest
 
@@ -40,13 +41,15 @@ class ChaosMonkey(threading.Thread):
             pass
 
     def run(self) -> None:
-        trainer_killed = False
-        while not self.stop.wait(self.rng.uniform(2.0, 4.0)):
+        trainer_killed, next_kill = False, time.monotonic() + self.rng.uniform(2.0, 4.0)
+        while not self.stop.wait(0.3):
             if not trainer_killed and any(self.checkpoints.glob("step-*/job_state.pkl")):
                 for name in self._alive("trainer"):
                     self._kill(name)
                     trainer_killed = True
+            if time.monotonic() < next_kill:
                 continue
+            next_kill = time.monotonic() + self.rng.uniform(2.0, 4.0)
             for role in ("rollout-worker", "reward-worker"):
                 alive = self._alive(role)
                 if alive and self.rng.random() < 0.6:
