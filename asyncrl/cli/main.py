@@ -1,4 +1,5 @@
-"""`asyncrl` command line: `asyncrl train [CONFIG] [--set a.b=c ...]`, `serve-reward`, `scale`.
+"""`asyncrl` command line: `asyncrl train [CONFIG] [--set a.b=c ...]`, `serve-reward`, `scale`,
+`report`.
 
 User errors (AsyncrlError) print one message and exit with code 2; --debug shows the traceback.
 """
@@ -34,6 +35,11 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--debug", action="store_true", help="show tracebacks of user errors")
     train.add_argument("-q", "--quiet", action="store_true", help="only warnings and the summary")
     _add_serve_reward(sub)
+    report = sub.add_parser("report", help="write an HTML page with plots of a run")
+    report.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (runs/<name>)")
+    report.add_argument("--out", metavar="DIR", help="where to write (default RUN_DIR/report)")
+    report.add_argument("--debug", action="store_true", help="show tracebacks of user errors")
+    report.add_argument("-q", "--quiet", action="store_true", help="only warnings")
     scale = sub.add_parser("scale", help="resize a running job's rollout pool")
     scale.add_argument("run_dir", metavar="RUN_DIR", help="the running job's run directory")
     scale.add_argument("--rollout-workers", type=int, required=True, metavar="N",
@@ -106,6 +112,20 @@ def _train(args: argparse.Namespace) -> int:
     print(f"held-out accuracy: {first:.1%} at the first evaluation -> {last:.1%} at the last "
           f"({(last - first) * 100:+.1f} points)")
     print(f"run directory: {result.run_dir}  (config.resolved.yaml, metrics.jsonl, final_model/)")
+    try:
+        from asyncrl.metrics.plots import write_report
+
+        print(f"report: {write_report(result.run_dir)}")
+    except Exception as exc:  # the run succeeded; a failed plot must not say otherwise
+        logging.getLogger(__name__).warning("could not write the report: %s", exc)
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from asyncrl.metrics.plots import write_report
+
+    out = Path(args.out) if args.out else None
+    print(f"report: {write_report(Path(args.run_dir), out)}")
     return 0
 
 
@@ -164,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
-        commands = {"train": _train, "serve-reward": _serve_reward, "scale": _scale}
+        commands = {"train": _train, "serve-reward": _serve_reward, "scale": _scale,
+                    "report": _report}
         return commands[args.command](args)
     except AsyncrlError as exc:
         if args.debug:
