@@ -46,6 +46,8 @@ class RunMetrics:
             "asyncrl_eval_accuracy", "Held-out accuracy at the last evaluation", registry=r)
         self.phase_seconds = Counter(
             "asyncrl_step_phase_seconds", "Trainer-loop time by phase", ["phase"], registry=r)
+        for phase in PHASES:
+            self.phase_seconds.labels(phase)
         self.sync_seconds = Histogram(
             "asyncrl_weight_sync_seconds", "Trainer-side weight broadcast time", registry=r)
         self.sync_bytes = Counter(
