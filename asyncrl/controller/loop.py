@@ -81,6 +81,7 @@ class Controller:
         rollout_busy, reward_busy = (pools.rollout.busy_time() - rollout_busy,
                                      pools.reward.busy_s - reward_busy)
         data_stats = await pools.data.stats()
+        engine_compute = await pools.engine_compute_since_last()
         record = {
             "policy_version": pools.trainer_version,
             "train/batch_version": float(version),
@@ -92,6 +93,7 @@ class Controller:
             "time/wait_batch_s": t1 - t0,
             "time/train_s": t2 - t1,
             "time/sync_s": t3 - t2,
+            **({} if engine_compute is None else {"time/engine_compute_s": engine_compute}),
             "rollout/step_tokens": float(pools.rollout.generated_tokens - tokens_before),
             "perf/tokens_per_s": (pools.rollout.generated_tokens - tokens_before) / (t3 - t0),
             "rollout/in_flight": float(pools.rollout.in_flight),

@@ -66,6 +66,7 @@ class Pools:
     _workers_spawned: int = 0
     _joining: list[ActorRef] = field(default_factory=list)  # spawned, weights not yet loaded
     workers_replaced: int = 0
+    _compute_seen: dict[str, float] = field(default_factory=dict)  # engine seconds read, by worker
 
     @classmethod
     async def start(cls, ctx: JobContext) -> Pools:
@@ -150,6 +151,21 @@ class Pools:
             self.trainer.open_weight_group(group),
             *(w.join_weight_group({**group, "rank": rank})
               for rank, w in enumerate(self.workers, start=1)))
+
+    async def engine_compute_since_last(self) -> float | None:
+        """Engine compute seconds of every worker since the last call (None when an engine
+        cannot measure it); a worker that does not answer is left out of this reading."""
+        workers = list(self.workers)
+        readings = await asyncio.gather(*(w.compute_seconds() for w in workers),
+                                        return_exceptions=True)
+        total = 0.0
+        for worker, seconds in zip(workers, readings, strict=True):
+            if seconds is None:
+                return None
+            if isinstance(seconds, float):
+                total += seconds - self._compute_seen.get(worker.name, 0.0)
+                self._compute_seen[worker.name] = seconds
+        return total
 
     async def sync_weights(self) -> dict[str, float]:
         """Broadcast the trainer's weights; returns once every worker has loaded them."""

@@ -50,6 +50,9 @@ class RolloutWorker:
     async def engine_weights(self) -> dict[str, torch.Tensor]:
         return self._engine.state_dict()
 
+    async def compute_seconds(self) -> float | None:
+        return self._engine.compute_seconds
+
     async def policy_version(self) -> int:
         return self._engine.policy_version
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import torch
@@ -29,7 +30,9 @@ class TrainerWorker:
         )
 
     def step(self, batch: TrainBatch) -> dict[str, float]:
-        return self._backend.step(batch)
+        start = time.perf_counter()
+        metrics = self._backend.step(batch)
+        return {**metrics, "time/trainer_compute_s": time.perf_counter() - start}
 
     def logprobs(self, batch: TrainBatch) -> torch.Tensor:
         return self._backend.logprobs(batch)

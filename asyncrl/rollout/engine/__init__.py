@@ -23,6 +23,12 @@ class RolloutEngine(Protocol):
         """The version of the weights the engine holds now."""
         ...
 
+    @property
+    def compute_seconds(self) -> float | None:
+        """Seconds the engine has spent computing (prefill, decode, sampling) since it started,
+        or None where the engine cannot see it; the overhead benchmark subtracts it."""
+        ...
+
     async def generate(self, samples: list[Sample], params: SamplingParams) -> list[Sample]:
         """Continue `samples` and return them when each is finished or aborted.
 

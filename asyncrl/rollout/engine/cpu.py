@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -142,10 +143,15 @@ class CpuEngine:
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task | None = None
         self._closed = False
+        self._compute_s = 0.0
 
     @property
     def policy_version(self) -> int:
         return self._version
+
+    @property
+    def compute_seconds(self) -> float:
+        return self._compute_s
 
     async def generate(self, samples: list[Sample], params: SamplingParams) -> list[Sample]:
         if self._closed:
@@ -217,9 +223,11 @@ class CpuEngine:
             if self._batch is None and not self._queue:
                 self._wake.clear()
                 await self._wake.wait()
+            start = time.perf_counter()
             self._admit()
             if self._batch is not None:
                 self._step()
+            self._compute_s += time.perf_counter() - start
             await asyncio.sleep(0)  # the step boundary: generate/abort/update_weights run here
 
     def _drop(self, hit: Callable[[_Row], bool]) -> None:

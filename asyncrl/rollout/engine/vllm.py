@@ -174,6 +174,10 @@ class VllmEngine:
     def policy_version(self) -> int:
         return self._version
 
+    @property
+    def compute_seconds(self) -> None:
+        return None  # vLLM's engine core computes in its own process, out of our sight
+
     async def wait_ready(self) -> None:
         """Wait until vLLM is up and the weight channel built (the first call does it anyway)."""
         await self._start()
