@@ -1,75 +1,83 @@
-"""Sync vs async on the built-in example: wall-clock and final held-out accuracy, same run.
+"""Learning vs wall-clock: sync and async on the built-in task, same run.
 
-    python benchmarks/async_vs_sync.py [--steps N] [--set key=value ...] [--out FILE]
+    python benchmarks/learning.py [--steps N] [--eval-every K] [--set key=value ...] [--out FILE]
 
-Runs `asyncrl.run` twice on one embedded Ray cluster, identical but for `mode` (async uses the
-default η = 1), and prints both and the ratio sync / async of the training loop's wall-clock
-(first to last row of metrics.jsonl: the steps and evaluations; model build, warm start and actor
-start-up are the same for both modes and reported apart as total seconds). Writes JSON to --out.
+Runs the built-in job twice on one embedded Ray cluster, identical but for `mode` (async uses
+the default η = 1), evaluating held-out greedy accuracy every K steps. The clock is the training
+loop's (steps only: evaluations, model build, warm start and actor start-up are the same for
+both modes and left out). Printed per mode: loop seconds, first and final accuracy, the trainer's
+wait share, and when (loop seconds) it first reached sync's final accuracy minus 2 points; then
+async's time-to-target as a ratio of sync's (below 1: async gets there sooner).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import time
-from pathlib import Path
 
 import ray
+from harness import print_table, run_job, step_rows, write_json
 
-from asyncrl.config import load_config
-from asyncrl.controller.run import run
-from asyncrl.metrics.report import read_metrics
+TARGET_MARGIN = 0.02  # async must reach sync's final accuracy within 2 points
 
 
-def measure(mode: str, overrides: list[str], output_dir: str) -> dict:
-    config = load_config(None, [f"mode={mode}", f"run.name=bench-{mode}",
-                                f"run.output_dir={output_dir}", *overrides])
-    start = time.perf_counter()
-    result = run(config, progress=False)
-    total = time.perf_counter() - start
-    rows = read_metrics(result.run_dir / "metrics.jsonl")
-    steps = [r for r in rows if "time/step_s" in r]
-    return {
-        "mode": mode, "max_staleness": config.max_staleness,
-        "loop_seconds": round(rows[-1]["time_s"] - rows[0]["time_s"], 1),
-        "total_seconds": round(total, 1),
-        "first_accuracy": result.evals[0][1], "final_accuracy": result.evals[-1][1],
-        "max_staleness_seen": max(r["staleness/max"] for r in steps),
-        "trainer_wait_fraction": round(sum(r["time/wait_batch_s"] for r in steps)
-                                       / sum(r["time/step_s"] for r in steps), 3),
-    }
+def curve(rows: list[dict]) -> list[tuple[float, float]]:
+    """(loop seconds, held-out accuracy) at every evaluation, the clock without evaluations."""
+    points, clock = [], 0.0
+    for r in rows:
+        if "time/step_s" in r:
+            clock += r["time/step_s"] - r.get("time/eval_s", 0.0)
+        if "eval/accuracy" in r:
+            points.append((clock, r["eval/accuracy"]))
+    return points
+
+
+def time_to(points: list[tuple[float, float]], target: float) -> float | None:
+    return next((t for t, acc in points if acc >= target), None)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--eval-every", type=int, default=10)
     parser.add_argument("--set", dest="overrides", action="append", default=[])
-    parser.add_argument("--out", default="benchmarks/results/async_vs_sync.json")
+    parser.add_argument("--out", default="benchmarks/results/learning.json")
     parser.add_argument("--output-dir", default="runs/bench")
     args = parser.parse_args()
-    overrides = args.overrides + ([f"run.steps={args.steps}"] if args.steps else [])
     ray.init(include_dashboard=False, log_to_driver=False)
     try:
-        rows = [measure(mode, overrides, args.output_dir) for mode in ("sync", "async")]
+        runs = {mode: run_job([f"mode={mode}", f"run.name=bench-learning-{mode}",
+                               f"run.steps={args.steps}", f"run.eval_every={args.eval_every}",
+                               f"run.output_dir={args.output_dir}", *args.overrides])[1]
+                for mode in ("sync", "async")}
     finally:
         ray.shutdown()
-    sync, async_ = rows
-    gap = 100 * (async_["final_accuracy"] - sync["final_accuracy"])
-    report = {"rows": rows, "accuracy_gap_points": round(gap, 1),
-              "speedup_async_over_sync": round(sync["loop_seconds"] / async_["loop_seconds"], 3)}
-    print(f"{'mode':6} {'η':>2} {'loop s':>7} {'total s':>8} {'first acc':>10} "
-          f"{'final acc':>10} {'max stale':>9} {'trainer wait':>12}")
-    for r in rows:
-        print(f"{r['mode']:6} {r['max_staleness']:>2} {r['loop_seconds']:>7} "
-              f"{r['total_seconds']:>8} {r['first_accuracy']:>10.1%} "
-              f"{r['final_accuracy']:>10.1%} {r['max_staleness_seen']:>9} "
-              f"{r['trainer_wait_fraction']:>12.1%}")
-    print(f"speed-up async/sync: {report['speedup_async_over_sync']}x, "
-          f"accuracy gap: {report['accuracy_gap_points']:+} points")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
+    curves = {mode: curve(rows) for mode, rows in runs.items()}
+    target = curves["sync"][-1][1] - TARGET_MARGIN
+    table = []
+    for mode, rows in runs.items():
+        steps = step_rows(rows)
+        points = curves[mode]
+        table.append({
+            "mode": mode, "loop_seconds": points[-1][0], "first_accuracy": points[0][1],
+            "final_accuracy": points[-1][1], "time_to_target_s": time_to(points, target),
+            "trainer_wait": sum(r["time/wait_batch_s"] for r in steps)
+            / sum(r["time/step_s"] - r.get("time/eval_s", 0.0) for r in steps),
+            "max_staleness": max(r["staleness/max"] for r in steps), "curve": points,
+        })
+    print_table([{**r, "time_to_target_s": r["time_to_target_s"] or float("nan")}
+                 for r in table], [
+        ("mode", "mode", ""), ("loop s", "loop_seconds", ".1f"),
+        ("first acc", "first_accuracy", ".1%"), ("final acc", "final_accuracy", ".1%"),
+        ("to target s", "time_to_target_s", ".1f"), ("trainer wait", "trainer_wait", ".1%"),
+        ("max stale", "max_staleness", ".0f"),
+    ])
+    sync, async_ = table
+    ratio = (async_["time_to_target_s"] / sync["time_to_target_s"]
+             if async_["time_to_target_s"] is not None else None)
+    print(f"target {target:.1%} (sync final − 2 points); async time-to-target / sync: "
+          + (f"{ratio:.2f}" if ratio is not None else "never reached"))
+    write_json(args.out, {"args": vars(args), "target": target,
+                          "time_to_target_ratio": ratio, "rows": table})
 
 
 if __name__ == "__main__":
