@@ -119,7 +119,8 @@ class RolloutConfig(Section):
     top_k: int = Field(0, ge=0)
     """Top-k sampling (0 disables)."""
     oversample: float = Field(1.0, ge=1.0)
-    """Admit up to oversample × the gate's groups, so a batch fills before the slowest finish."""
+    """Admit (oversample − 1) × prompts_per_step groups beyond the staleness gate, so a batch
+    fills before the slowest finish (APRIL over-provisioning)."""
     partial: bool = False
     """APRIL partial rollouts: when a batch is full, abort in-flight answers and resume them
     later from their tokens (under newer weights) instead of waiting for them."""
@@ -189,6 +190,9 @@ class AlgorithmConfig(Section):
     clip_high: float | None = Field(None, ge=0)
     """Upper clip range ε_high. None: the loss's own default (PPO 0.2, DAPO 0.28, GSPO 4e-4,
     CISPO 0.2); above clip_low it is DAPO's clip-higher."""
+    dual_clip_c: float = Field(3.0, gt=1)
+    """loss=dual_clip only: a token with A < 0 has its loss capped at c·|A| (Ye et al. 2020),
+    so a bad token whose ratio grew past c stops pushing; must be > 1."""
     aggregation: Literal[
         "token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"
     ] = "token-mean"
@@ -197,6 +201,9 @@ class AlgorithmConfig(Section):
     """Weight of the KL penalty to the initial (reference) policy; 0 disables it."""
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"
     """KL estimator."""
+    kl_clamp: float | None = Field(10.0, gt=0)
+    """k3 only: |log π − log π_ref| is clamped to this before the exp, so the estimate stays
+    finite (its gradient is 0 beyond the clamp); None: no clamp."""
     entropy_coef: float = Field(0.0, ge=0)
     """Entropy bonus weight."""
     off_policy_correction: Literal["none", "decoupled", "tis", "decoupled_filter"] = "decoupled"

@@ -70,9 +70,13 @@ class PolicyObjective:
         return tensors, {"train/mismatch_abs": float(mismatch / mask.sum().clamp(min=1))}
 
     def _loss_kwargs(self) -> dict[str, float]:
-        """Clip ranges set in the config; unset ones keep each loss's own default."""
+        """Clip ranges set in the config (unset ones keep each loss's own default), and the
+        dual-clip bound for the one loss that has it."""
         clips = {"clip_low": self.algo.clip_low, "clip_high": self.algo.clip_high}
-        return {name: value for name, value in clips.items() if value is not None}
+        kwargs = {name: value for name, value in clips.items() if value is not None}
+        if self.algo.loss == "dual_clip":
+            kwargs["clip_c"] = self.algo.dual_clip_c
+        return kwargs
 
     def micro_loss(
         self, logprobs: torch.Tensor, entropy: torch.Tensor | None, mask: torch.Tensor,
@@ -86,7 +90,10 @@ class PolicyObjective:
         )
         per_token = per_token * tensors["behaviour_weights"]
         if algo.kl_coef:
-            kl = kl_lib.kl_estimate(logprobs, tensors["ref_logprobs"], algo.kl_estimator)
+            # the mask keeps padding out of the exp: with kl_clamp=None an inf there would
+            # turn into a NaN gradient even though aggregation selects it away
+            kl = kl_lib.kl_estimate(logprobs, tensors["ref_logprobs"], algo.kl_estimator,
+                                    algo.kl_clamp, loss_mask=mask)
             per_token = per_token + algo.kl_coef * kl
             metrics["kl"] = (kl * mask).sum() / mask.sum().clamp(min=1)
         if algo.entropy_coef:
