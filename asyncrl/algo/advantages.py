@@ -55,6 +55,10 @@ def grpo(
     std_g is the unbiased group std (torch.std's default, n − 1), as in the reference code. A
     group of one sample has advantage 0 (its centred reward is 0). With eps=0, a group whose
     rewards are all equal gets 0 instead of 0/0. With normalize_std=False this is `dr_grpo`.
+    verl (compute_grpo_outcome_advantage) uses the same unbiased std and eps, but gives a group
+    of one mean 0 and std 1, so its advantage is r / (1 + eps) where ours is 0. TRL's
+    GRPOTrainer adds eps = 1e-4, and with scale_rewards="batch" divides by the std of all the
+    batch's raw rewards instead of the group's.
 
     Args:
         rewards: [B] float, one scalar reward per sample.
@@ -81,7 +85,9 @@ def dr_grpo(rewards: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
     rewards barely differ (too easy or too hard prompts: the "question-level difficulty bias").
     The paper's other change, dropping GRPO's per-response 1/|o_i| length normalisation, is not
     an advantage change: it lives in the aggregation mode `seq-mean-token-sum-norm`
-    (asyncrl.algo.aggregate), so pair the two to get Dr.GRPO.
+    (asyncrl.algo.aggregate), so pair the two to get Dr.GRPO. The same advantage is verl's GRPO
+    with norm_adv_by_std_in_grpo=False and TRL's scale_rewards="none"; TRL's loss_type="dr_grpo"
+    is only the aggregation (Σ / (B · max_completion_length), our seq-mean-token-sum-norm).
 
     Args:
         rewards: [B] float. group_ids: [B] int64.
@@ -96,7 +102,10 @@ def rloo(rewards: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
     """RLOO (Ahmadian et al. 2024): A_i = r_i − (1 / (n − 1)) Σ_{j≠i} r_j, leave-one-out.
 
     Algebraically (n / (n − 1)) · (r_i − mean_g), which is how it is computed. A group of one
-    sample has no "others" and gets 0. No std normalisation, as in the paper.
+    sample has no "others" and gets 0. No std normalisation, as in the paper. verl
+    (compute_rloo_outcome_advantage) leaves a group of one at its raw reward instead of 0; TRL's
+    RLOOTrainer has the same baseline and can also whiten the advantages over the whole batch
+    (normalize_advantages), which is not done here.
 
     Args:
         rewards: [B] float. group_ids: [B] int64; n is the size of the sample's group.
@@ -120,7 +129,10 @@ def reinforce_pp_baseline(
     0) and is subtracted only for fidelity. Departures from the paper: the paper folds a
     token-level KL penalty into the reward (here KL is a separate loss term, asyncrl.algo.kl)
     and its reference code whitens over tokens, so long responses weigh more in the batch
-    statistics; here the statistics are per sample. A batch of one sample gets 0.
+    statistics; here the statistics are per sample. A batch of one sample gets 0. verl's
+    reinforce_plus_plus_baseline is that token-level whitening, with eps inside the square root
+    (1/√(var + 1e-8)); TRL's nearest setting, scale_rewards="batch", divides the group-centred
+    rewards by the batch std of the raw rewards, not of the centred ones.
 
     Args:
         rewards: [B] float. group_ids: [B] int64.

@@ -12,6 +12,13 @@ works with every loss. With L[b, t] the per-token value, m[b, t] the mask and n_
 The seq-mean modes divide by B, all rows, including rows with no trained token (they add 0):
 the train backend splits a step into micro-batches and weights each by its share of rows, which
 is only exact with this denominator. A row with n_b = 0 adds 0, never 0/0.
+
+Against the other stacks: verl's agg_loss names the same modes but divides the seq-mean ones by
+the rows that have a trained token (unless given a global batch size), and its
+seq-mean-token-sum-norm is Σ_b Σ_t m L / N with no 1/B (N defaults to the padded response
+width). TRL's GRPOTrainer names them by loss_type: "grpo" is seq-mean-token-mean, "bnpo" a
+token-mean over one micro-batch, "dapo" a token-mean over the whole batch's tokens, and
+"dr_grpo" is seq-mean-token-sum-norm with N = max_completion_length, as here.
 """
 
 from __future__ import annotations

@@ -32,7 +32,9 @@ def kl_estimate(
 
     For k3, d is first clamped to [−clamp, clamp] so exp cannot overflow (verl's "low_var_kl"
     guard; verl clamps at ±20 and then the result at ±10, here only the log-ratio is clamped).
-    Beyond the clamp the k3 gradient is 0. k1 and k2 are never clamped (no exp).
+    Beyond the clamp the k3 gradient is 0. k1 and k2 are never clamped (no exp). TRL's
+    GRPOTrainer (beta > 0) uses the same k3 with no clamp at all (clamp=None); verl's "k3+"
+    variant (k3's value with k2's gradient, straight-through) is not offered.
 
     Args:
         logprobs: [B, T] float, current policy (with grad when used as a loss).
@@ -68,7 +70,8 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     """Entropy of softmax(logits) per position: H = −Σ_v p_v log p_v.
 
     Computed in float32. Vocabulary entries with p = 0 (e.g. −inf logits from a vocabulary
-    mask) contribute exactly 0 and no NaN gradient.
+    mask) contribute exactly 0 and no NaN gradient; TRL's −Σ p log p and verl's
+    logsumexp − Σ p·logits have the same value but give NaN for such entries (0 · −inf).
 
     Args:
         logits: [B, T, V] float; divide by the sampling temperature first if the entropy of the

@@ -78,6 +78,10 @@ def ppo_clip(
     Where the clipped term is the smaller one, the token's gradient is 0. clip_high > clip_low
     is DAPO's clip-higher (see `dapo`). Departures: the log-ratio is clamped to ±20 before exp
     (gradient 0 beyond); no value loss (critic-free, advantages come from group rewards).
+    verl's "vanilla" policy loss always adds the dual clip for A < 0 (c = clip_ratio_c = 3), so
+    it is our `dual_clip_ppo`, not this function; TRL's loss types grpo, bnpo, dr_grpo and dapo
+    all use this per-token loss and differ only in aggregation (TRL's optional `delta` cap on
+    the unclipped ratio is not here).
 
     Args:
         logprobs, old_logprobs, advantages: [B, T] float. loss_mask: [B, T] bool.
@@ -108,7 +112,8 @@ def dapo(
     paper), so low-probability tokens with A > 0 can grow further before clipping.
 
     Only DAPO's loss: token-mean is an aggregation mode; dynamic sampling and overlong shaping
-    are not here. Shapes as `ppo_clip`.
+    are not here. Shapes as `ppo_clip`. In TRL, loss_type="dapo" names the whole-batch token-mean
+    aggregation and the clip is set apart (epsilon_high); verl sets it as clip_ratio_high.
     """
     return ppo_clip(logprobs, old_logprobs, advantages, loss_mask,
                     clip_low=clip_low, clip_high=clip_high)
@@ -126,7 +131,9 @@ def dual_clip_ppo(
         loss = min(ppo_clip_loss, −c A)  where A < 0,  ppo_clip_loss  where A ≥ 0
 
     For a bad token (A < 0) whose ratio has grown huge, −ρA is unbounded; the dual clip caps the
-    loss at −cA = c|A| and zeroes its gradient. Needs c > 1. Shapes as `ppo_clip`.
+    loss at −cA = c|A| and zeroes its gradient. Needs c > 1. Shapes as `ppo_clip`. This is
+    verl's "vanilla" loss with the same default (clip_ratio_c = 3.0, also required > 1); TRL has
+    no dual clip.
 
     Returns:
         per-token loss [B, T] and ppo_clip's metrics plus dual_clip_fraction (masked tokens
@@ -165,6 +172,10 @@ def gspo(
     sequence objective (1/B) Σ_b −min(s_b A_b, clip(s_b) A_b); other aggregation modes weight
     sequences differently (token-mean weighs long ones more). The defaults 3e-4 / 4e-4 are the
     paper's ranges; they are far narrower than PPO's because s_b is a per-token geometric mean.
+    verl's gspo uses this same form but clamps log s_b only from above (at 10, here ±20) and
+    always aggregates seq-mean-token-mean whatever the configured mode; TRL
+    (importance_sampling_level="sequence") differentiates s_b directly, which with its
+    loss_type="grpo" (seq-mean-token-mean) gives the same value and gradient as here.
 
     Args:
         logprobs, old_logprobs, advantages: [B, T] float. loss_mask: [B, T] bool.
@@ -204,7 +215,10 @@ def cispo(
     (PPO's clip drops clipped tokens; CISPO keeps rare high-ratio tokens at a capped weight).
     The paper sets no lower bound (ε_low "large") and tunes only ε_high: clip_low=None; the
     default ε_high here is not from the paper. The per-token value is a surrogate: only its
-    gradient −w A ∇logp means something. The paper aggregates token-mean.
+    gradient −w A ∇logp means something. The paper aggregates token-mean. verl's cispo clips
+    both sides, ε_low and ε_high both defaulting to clip_ratio (0.2), so it has a lower bound
+    where ours has none; TRL's loss_type="cispo" caps the ratio itself, min(ρ, epsilon_high)
+    (5.0 recommended), rather than at 1 + ε_high.
 
     Args:
         logprobs, old_logprobs, advantages: [B, T] float. loss_mask: [B, T] bool.
@@ -260,7 +274,11 @@ def behaviour_weights(
       expected to correct, not a different computation.
     - "decoupled_filter": w where w <= cap, else 0 (AReaL's behav_imp_weight_cap).
     - "none": 1.
-    Masked positions get 0 in every mode.
+    Masked positions get 0 in every mode. verl's rollout correction with rollout_is="token"
+    (threshold 2.0) is "tis"; TRL's vllm_importance_sampling_mode "token_truncate" and
+    "token_mask" are "tis" and "decoupled_filter" (cap 3.0 there, with an optional lower bound),
+    but TRL defaults to "sequence_mask" (a whole sequence dropped when the product of its token
+    ratios leaves the bounds), and sequence-level weights are not offered here.
 
     Args:
         old_logprobs: [B, T] float, proximal policy. rollout_logprobs: [B, T] float, behaviour
