@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import signal
 import socket
 import sys
 import time
@@ -19,10 +20,12 @@ from pathlib import Path
 
 import pytest
 
+from asyncrl.cluster.actors import LocalRef
 from asyncrl.reward import CodeReward
 from asyncrl.reward.builtin._harness import UID_BASE
 from asyncrl.reward.builtin.sandbox import Sandbox, SandboxError
-from asyncrl.types import Prompt
+from asyncrl.reward.pool import RewardPool, RewardSpec, RewardWorker
+from asyncrl.types import Prompt, Sample
 
 NOBODY = 65534
 SYSTEM_PYTHON = "/usr/bin/python3"
@@ -98,6 +101,19 @@ async def test_an_infinite_loop_is_killed_at_the_deadline(mode):
     result = await _sandbox(mode, timeout_s=1.0).run("while True:\n    pass\n", ADD_TESTS)
     assert result.outcome == "timeout" and result.passed == 0
     assert time.monotonic() - start < 2.5
+    assert _no_leftovers()
+
+
+async def test_the_cpu_time_limit_kills_a_busy_loop_long_before_the_wall_clock(mode):
+    # RLIMIT_CPU at 1 s, wall clock at 60 s: only the CPU limit can end this program
+    result = await _sandbox(mode, timeout_s=60.0, cpu_s=1).run("while True:\n    pass\n",
+                                                                ADD_TESTS)
+    # The soft limit sends SIGXCPU, which PID 1 of a PID namespace ignores (the kernel drops
+    # default-action signals to a namespace's init), so there the hard limit's SIGKILL (one
+    # CPU second later) ends it: the outcome says which, and never "timeout".
+    killer = signal.SIGKILL if "pidns" in result.isolation else signal.SIGXCPU
+    assert result.outcome == f"exit:{128 + killer}", (result.outcome, result.stderr)
+    assert result.passed == 0 and result.duration_s >= 1.0
     assert _no_leftovers()
 
 
@@ -193,6 +209,45 @@ async def test_the_program_cannot_forge_results(mode):
             "        pass\n")
     result = await _sandbox(mode).run(code, ["assert False", "assert False"])
     assert result.passed == 0 and result.outcome == "done"
+
+
+async def test_one_reward_pool_scores_every_attack_as_zero_then_a_correct_solution_as_right():
+    # the same pool object (in-process worker, as with reward.num_workers=0) throughout
+    spec = RewardSpec("code", kwargs={"timeout_s": 1.0, "nproc": 8, "memory_mb": 512})
+    pool = RewardPool(lambda i: LocalRef(RewardWorker(spec, concurrency=4, timeout_s=60.0),
+                                         f"reward-{i}"),
+                      num_workers=1, batch_size=8, call_timeout_s=300.0, retries=0,
+                      backoff_s=0.0)
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        server.setblocking(False)
+        attacks = {
+            "infinite loop": "while True:\n    pass\n",
+            "fork bomb": "import os\nwhile True:\n    try:\n        os.fork()\n"
+                         "    except OSError:\n        pass\n",
+            "memory hog": "hog = []\nwhile True:\n    hog.append(bytearray(1 << 24))\n",
+            "socket": "import socket\nsocket.create_connection(('127.0.0.1', "
+                      f"{server.getsockname()[1]}), timeout=1).sendall(b'leak')\n{ADD}",
+        }
+        scored = await _pool_score(pool, list(attacks.values()))
+        with pytest.raises(BlockingIOError):
+            server.accept()  # nobody connected
+    for name, reward in zip(attacks, scored, strict=True):
+        # the program's own fault: an OK reward of 0, not a reward failure
+        assert reward.ok and reward.value == 0.0 and reward.correct is False, (name, reward)
+    assert _no_leftovers()
+    [right] = await _pool_score(pool, [f"```python\n{ADD}```"])
+    assert right.ok and right.value == 1.0 and right.correct is True
+    assert pool.failures == {} and pool.workers_replaced == 0 and pool.scored == 5
+    await pool.workers[0].close()
+
+
+async def _pool_score(pool: RewardPool, responses: list[str]) -> list:
+    prompt = Prompt("add", "write add", [1], metadata={"tests": ADD_TESTS[:2]})
+    samples = [Sample(f"add/{i}", "add", [1], 0) for i in range(len(responses))]
+    for sample, response in zip(samples, responses, strict=True):
+        sample.response_text = response
+    await pool.score(samples, {"add": prompt})
+    return [s.reward for s in samples]
 
 
 async def test_a_harness_that_cannot_start_is_a_sandbox_error():
