@@ -119,8 +119,8 @@ class RolloutConfig(Section):
     top_k: int = Field(0, ge=0)
     """Top-k sampling (0 disables)."""
     oversample: float = Field(1.0, ge=1.0)
-    """Admit (oversample − 1) × prompts_per_step groups beyond the staleness gate, so a batch
-    fills before the slowest finish (APRIL over-provisioning)."""
+    """Admit (oversample − 1) × prompts_per_step groups beyond the staleness gate while the
+    next batch is not yet ready, so it fills before the slowest finish (APRIL)."""
     partial: bool = False
     """APRIL partial rollouts: when a batch is full, abort in-flight answers and resume them
     later from their tokens (under newer weights) instead of waiting for them."""

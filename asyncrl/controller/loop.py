@@ -13,7 +13,7 @@ going while the trainer trains and the trainer takes a batch as soon as one is r
 
 | where work can wait          | bounded by                         |
 |------------------------------|------------------------------------|
-| producer, gate closed        | (⌊η/m⌋ + 1) × B × oversample slots |
+| producer, gate closed        | (⌊η/m⌋ + oversample) × B slots     |
 | trainer, batch not ready     | run.batch_timeout_s, then an error |
 """
 

@@ -26,11 +26,17 @@ class DataManager:
         self._epoch = 0  # bumped on every change, so a waiter never misses one (see wait_changed)
 
     async def poll(
-        self, trainer_version: int, capacity: int
+        self, trainer_version: int, capacity: int, *, extra: int = 0, batch_groups: int = 0
     ) -> tuple[list[list[Sample]], list[Prompt], int, int]:
         """One round trip for the producer: partials to resume (all of them), re-queued prompts
-        and the number of fresh groups that fit under `capacity`, and the change epoch."""
+        and the number of fresh groups that fit under `capacity`, and the change epoch.
+
+        `extra` over-provisioned groups (APRIL) are admitted on top only while fewer than
+        `batch_groups` groups are ready: they exist to fill the next batch sooner. Once it can
+        be filled, the trainer is the bottleneck and extras would only wait until stale."""
         partials = self._buffer.take_partials(trainer_version)
+        if self._buffer.ready_groups < batch_groups:
+            capacity += extra
         free = capacity - self._buffer.active_groups
         requeued = []
         while len(requeued) < free and (prompt := self._buffer.take_requeued()) is not None:

@@ -5,14 +5,19 @@ fresh prompts. Each group goes, whole, to the worker with the fewest samples in 
 
 Staleness gate (active-slot form; it holds no history, so it is exact after a resume):
 
-    admit while active_groups < (⌊η / m⌋ + 1) × B × oversample
+    admit while active_groups < (⌊η / m⌋ + 1) × B  [+ (oversample − 1) × B while < B are ready]
 
 B = groups per batch, m = policy versions per batch (optimizer steps per batch), active_groups =
 groups admitted whose slot is not free yet. A slot is freed only when its group was dropped, or
 was trained and the resulting weights reached every worker (torchtitan's "born fresh" rule).
 So with oversample = 1 every group starts on weights at most ⌊η/m⌋ batches older than the batch
-that trains it: staleness ≤ η. The DataManager still checks every batch, so out-of-order
-completion or over-provisioning can only cause counted drops, never a stale sample trained.
+that trains it: staleness ≤ η. Over-provisioning adds (oversample − 1) × B groups once, for the
+batch being filled, and only while fewer than B groups are ready: once the next batch can be
+filled the trainer is the bottleneck, and extra groups would only wait until stale. (Multiplying
+the whole window by oversample let the producer run so far ahead on a long-tail load that 2,080
+of 5,888 samples went stale: benchmarks/throughput.py at η = 4, oversample 2.) The
+DataManager still checks every batch, so out-of-order completion or over-provisioning can only
+cause counted drops, never a stale sample trained.
 
 APRIL: `abort_in_flight()` interrupts every request; the engines return partial answers, which
 go to the partial pool and are resumed first, from their tokens, under newer weights.
@@ -35,9 +40,11 @@ log = logging.getLogger(__name__)
 
 def gate_capacity(
     *, max_staleness: int, versions_per_batch: int, batch_groups: int, oversample: float
-) -> int:
-    """Groups that may be active at once (see the module docstring)."""
-    return (max_staleness // versions_per_batch + 1) * int(round(batch_groups * oversample))
+) -> tuple[int, int]:
+    """(window, extra): groups that may be active at once, and the over-provisioned groups
+    admitted on top while the next batch is not yet ready (see the module docstring)."""
+    window = (max_staleness // versions_per_batch + 1) * batch_groups
+    return window, int(round(batch_groups * (oversample - 1)))
 
 
 class RolloutManager:
@@ -75,7 +82,7 @@ class RolloutManager:
         self.trainer_version = version
         self._wake.set()
 
-    def capacity(self) -> int:
+    def capacity(self) -> tuple[int, int]:
         return gate_capacity(
             max_staleness=self._eta, versions_per_batch=self._m,
             batch_groups=self._batch_groups, oversample=self._oversample,
@@ -89,8 +96,9 @@ class RolloutManager:
     async def run(self) -> None:
         """Admit and dispatch forever (cancel the task to stop)."""
         while True:
+            window, extra = self.capacity() if self._workers else (0, 0)
             partials, requeued, free, epoch = await self._data.poll(
-                self.trainer_version, self.capacity() if self._workers else 0)
+                self.trainer_version, window, extra=extra, batch_groups=self._batch_groups)
             for samples in partials:
                 self._dispatch(samples)
             prompts = requeued + [self._next_prompt() for _ in range(free)]

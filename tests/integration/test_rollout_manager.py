@@ -10,10 +10,11 @@ import torch
 from transformers import AutoTokenizer
 
 from asyncrl.cluster.actors import LocalRef
+from asyncrl.controller.pools import new_samples
 from asyncrl.data.manager import DataManager
 from asyncrl.rollout.manager import RolloutManager, gate_capacity
 from asyncrl.rollout.worker import RolloutWorker
-from asyncrl.types import Prompt, Reward, Sample, SamplingParams
+from asyncrl.types import FinishReason, Prompt, Reward, Sample, SamplingParams
 from tests.helpers import save_tiny_model
 
 B, N = 2, 3  # groups per batch, samples per group
@@ -26,11 +27,33 @@ def model_dir(tmp_path_factory):
 
 
 def test_gate_capacity_formula():
-    assert gate_capacity(max_staleness=0, versions_per_batch=1, batch_groups=4, oversample=1) == 4
-    assert gate_capacity(max_staleness=2, versions_per_batch=1, batch_groups=4, oversample=1) == 12
-    assert gate_capacity(max_staleness=2, versions_per_batch=2, batch_groups=4,
-                         oversample=1.5) == 12
-    assert gate_capacity(max_staleness=1, versions_per_batch=2, batch_groups=4, oversample=1) == 4
+    def gate(eta: int, m: int, oversample: float = 1.0) -> tuple[int, int]:
+        return gate_capacity(max_staleness=eta, versions_per_batch=m, batch_groups=4,
+                             oversample=oversample)
+
+    assert gate(0, 1) == (4, 0)
+    assert gate(2, 1) == (12, 0)
+    assert gate(2, 2, oversample=1.5) == (8, 2)  # the extra groups once, not per batch
+    assert gate(1, 2) == (4, 0)
+
+
+async def test_extra_groups_are_admitted_only_while_the_next_batch_is_not_ready():
+    data = DataManager(group_size=2, max_staleness=1, drop_all_equal=False)
+    prompts = [Prompt(prompt_id=f"p{i}", text="x", input_ids=[1]) for i in range(6)]
+    groups = [(p, new_samples(p, 2, 4)) for p in prompts]
+    _, _, free, _ = await data.poll(0, 4, extra=2, batch_groups=2)
+    assert free == 6  # nothing ready: window 4 + 2 extra
+    await data.start_groups(groups)
+    for i, (_, samples) in enumerate(groups[:2]):  # two groups finish: a batch is ready
+        for s in samples:
+            s.append(5, -0.1, 0)
+            s.finish_reason = FinishReason.STOP
+            s.reward = Reward(value=float(i))
+        await data.put(samples)
+    _, _, free, _ = await data.poll(0, 4, extra=2, batch_groups=2)
+    assert free == 0  # 6 active, window 4: the extras stop while a batch waits for the trainer
+    _, _, free, _ = await data.poll(0, 8, extra=2, batch_groups=2)
+    assert free == 2
 
 
 def _manager(model_dir, eta: int, **kwargs) -> tuple[RolloutManager, LocalRef]:
