@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
+from itertools import pairwise
 
 import pytest
 
@@ -22,9 +24,10 @@ def _prompts_and_samples(texts: list[str], answer: str = "12345", **metadata):
     return prompts, samples
 
 
-def _local_pool(spec, *, timeout_s=5.0, **kwargs) -> RewardPool:
+def _local_pool(spec, *, timeout_s=5.0, concurrency=4, **kwargs) -> RewardPool:
     def spawn_worker(i):
-        return LocalRef(RewardWorker(spec, concurrency=4, timeout_s=timeout_s), f"reward-{i}")
+        worker = RewardWorker(spec, concurrency=concurrency, timeout_s=timeout_s)
+        return LocalRef(worker, f"reward-{i}")
 
     options = dict(num_workers=2, batch_size=2, call_timeout_s=30.0, retries=2, backoff_s=0.01)
     return RewardPool(spawn_worker, **{**options, **kwargs})
@@ -69,12 +72,14 @@ class FailsFirstBatch:
 
     def __init__(self, failures: int) -> None:
         self.calls, self.failures = 0, failures
+        self.times: list[float] = []  # when each call came
 
     async def score(self, prompt: Prompt, response: str) -> Reward:
         raise AssertionError("the pool must use score_batch")
 
     async def score_batch(self, prompts: list[Prompt], responses: list[str]) -> list[Reward]:
         self.calls += 1
+        self.times.append(time.monotonic())
         if self.calls <= self.failures:
             raise ConnectionError("model server not ready")
         return [Reward(value=float(len(r))) for r in responses]
@@ -95,6 +100,31 @@ async def test_a_failed_call_is_retried_with_backoff_then_fails_typed_when_retri
     assert broken.calls == 3
     assert all(not s.reward.ok and "after 3 attempts" in s.reward.error for s in samples)
     assert pool.failures == {"pool": 2}
+
+
+async def test_the_wait_before_each_retry_doubles():
+    broken = FailsFirstBatch(failures=10)
+    pool = _local_pool(lambda: broken, num_workers=1, batch_size=8, retries=3, backoff_s=0.1)
+    prompts, samples = _prompts_and_samples(["a"])
+    await pool.score(samples, prompts)
+    assert broken.calls == 4 and not samples[0].reward.ok
+    gaps = [later - earlier for earlier, later in pairwise(broken.times)]
+    # lower bounds only: a loaded machine may wait longer, never shorter (1 ms for the clock)
+    for gap, backoff in zip(gaps, [0.1, 0.2, 0.4], strict=True):
+        assert gap >= backoff - 1e-3, (gaps, backoff)
+
+
+@pytest.mark.parametrize("num_workers", [1, 2])
+async def test_reward_concurrency_caps_the_rewards_each_worker_scores_at_once(num_workers):
+    # reward.concurrency is RewardWorker's `concurrency`; 12 samples in chunks of 6 each
+    # offer a worker twice its cap
+    pool = _local_pool(RewardSpec("tests.plugins.rewards:count_in_flight"), concurrency=3,
+                       num_workers=num_workers, batch_size=6)
+    prompts, samples = _prompts_and_samples(["x"] * 12)
+    await pool.score(samples, prompts)
+    assert all(s.reward.ok for s in samples)
+    # in-process workers share the plugin's counter: the peak is the caps of all of them
+    assert max(s.reward.value for s in samples) == 3 * num_workers
 
 
 async def test_a_killed_reward_actor_is_replaced_and_its_samples_are_rescored(ray_local):
@@ -158,15 +188,16 @@ def test_a_short_training_run_uses_a_module_function_reward_and_reports_its_fail
     config = load_config(None, [
         f"run.output_dir={tmp_path}", "run.name=user-reward", "run.steps=4", "run.eval_every=4",
         "model.warm_start.steps=5", "data.eval_size=8", "rollout.prompts_per_step=4",
-        "rollout.n_samples=4", "reward.fn=tests.plugins.rewards:answer_prefix",
+        "rollout.n_samples=4", "reward.fn=tests.plugins.rewards:crash_on_every_third_prompt",
         "reward.num_workers=2", "rollout.temperature=1.5",
     ])
     result = run(config, progress=False)
     rows = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").open()]
     steps = [r for r in rows if "reward/scored" in r]
     assert len(steps) == 4 and steps[-1]["reward/scored"] >= 4 * 4 * 4
+    # train-1's answers all fail (and those starting with '9'): counted by their reason,
+    # "error", and each dropped its whole group, never scored as a 0
     failures = steps[-1].get("reward/failures/error", 0.0)
     dropped = steps[-1].get("data/dropped/reward_failed", 0.0)
-    # Every crash (response starting with '9') dropped its whole group; none became a 0.
-    assert (failures > 0) == (dropped > 0)
+    assert failures >= 4 and dropped >= 4, (failures, dropped)
     assert result.ledger["balance"] == 0

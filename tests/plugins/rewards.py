@@ -23,6 +23,33 @@ def answer_prefix(prompt: Prompt, response: str) -> float:
     return hits / max(len(answer), 1)
 
 
+def crash_on_every_third_prompt(prompt: Prompt, response: str) -> float:
+    """`answer_prefix`, but raises for every answer to train-1, train-4, train-7, ... (ids
+    `train-N` with N % 3 == 1): a run certainly has such failures, since its first batch draws
+    train-0 to train-3, whatever the model samples."""
+    number = prompt.prompt_id.removeprefix("train-")
+    if number.isdigit() and int(number) % 3 == 1:
+        raise RuntimeError(f"{prompt.prompt_id} is one of the prompts this reward fails")
+    return answer_prefix(prompt, response)
+
+
+IN_FLIGHT = 0  # rewards of `count_in_flight` being scored now, in this process
+
+
+async def count_in_flight(prompt: Prompt, response: str) -> Reward:
+    """Holds its slot for metadata['sleep'] seconds (default 0.05); value = how many of these
+    rewards were in flight in this process when it started, itself included (so the largest
+    value is the peak: the count only grows when one starts)."""
+    global IN_FLIGHT
+    IN_FLIGHT += 1
+    try:
+        started_with = IN_FLIGHT
+        await asyncio.sleep(float(prompt.metadata.get("sleep", 0.05)))
+    finally:
+        IN_FLIGHT -= 1
+    return Reward(value=float(started_with))
+
+
 async def slow_on_marker(prompt: Prompt, response: str) -> Reward:
     """Sleeps past any sane timeout when the prompt text contains 'slow'."""
     if "slow" in prompt.text:
