@@ -6,6 +6,7 @@ variants share the machine's state and the ratios between them mean something on
 
 from __future__ import annotations
 
+import argparse
 import json
 import platform
 import time
@@ -16,6 +17,17 @@ from typing import Any
 from asyncrl.config import load_config
 from asyncrl.controller.run import RunResult, run
 from asyncrl.metrics.report import read_metrics
+
+
+def job_parser(doc: str, name: str, steps: int) -> argparse.ArgumentParser:
+    """The options every job benchmark takes: steps, `--set` overrides, JSON and run output."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=steps)
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        help="a job config override, key=value (repeatable)")
+    parser.add_argument("--out", default=f"benchmarks/results/{name}.json")
+    parser.add_argument("--output-dir", default="runs/bench", help="where the runs go")
+    return parser
 
 
 def run_job(overrides: list[str]) -> tuple[RunResult, list[dict[str, Any]], float]:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 
 import ray
-from harness import print_table, run_job, step_rows, write_json
+from harness import job_parser, print_table, run_job, step_rows, write_json
 
 TARGET_MARGIN = 0.02  # async must reach sync's final accuracy within 2 points
 FINAL_EVALS = 3  # "final accuracy": the mean of the last evaluations (one is noisy)
@@ -68,13 +68,9 @@ def final(points: list[tuple[float, float]]) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=150)
+    parser = job_parser(__doc__, "learning", steps=150)
     parser.add_argument("--eval-every", type=int, default=10)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--set", dest="overrides", action="append", default=[])
-    parser.add_argument("--out", default="benchmarks/results/learning.json")
-    parser.add_argument("--output-dir", default="runs/bench")
     args = parser.parse_args()
     ray.init(include_dashboard=False, log_to_driver=False)
     try:

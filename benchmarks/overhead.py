@@ -17,10 +17,8 @@ overhead goes.
 
 from __future__ import annotations
 
-import argparse
-
 import ray
-from harness import loop_seconds, print_table, run_job, step_rows, write_json
+from harness import job_parser, loop_seconds, print_table, run_job, step_rows, write_json
 
 
 def breakdown(rows: list[dict]) -> dict:
@@ -46,11 +44,7 @@ def breakdown(rows: list[dict]) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--set", dest="overrides", action="append", default=[])
-    parser.add_argument("--out", default="benchmarks/results/overhead.json")
-    parser.add_argument("--output-dir", default="runs/bench")
+    parser = job_parser(__doc__, "overhead", steps=40)
     args = parser.parse_args()
     ray.init(include_dashboard=False, log_to_driver=False)
     try:

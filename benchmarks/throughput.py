@@ -23,7 +23,6 @@ samples, samples dropped, and each rate as a ratio against sync. The model learn
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import random
@@ -31,7 +30,7 @@ import tempfile
 from pathlib import Path
 
 import ray
-from harness import loop_seconds, print_table, run_job, step_rows, write_json
+from harness import job_parser, loop_seconds, print_table, run_job, step_rows, write_json
 
 from asyncrl.data.tasks import TASKS
 
@@ -72,7 +71,9 @@ def summarize(mode: str, rows: list[dict], batch_samples: int) -> dict:
         / seconds,
         "generated_tokens_per_s": sum(r["rollout/step_tokens"] for r in steps) / seconds,
         "trainer_idle": sum(r["time/wait_batch_s"] for r in steps) / seconds,
-        "rollout_idle": 1 - sum(r["busy/rollout"] * r["time/step_s"] for r in steps) / seconds,
+        # busy/rollout is a share of the step's wait + train + sync (its own clock)
+        "rollout_idle": 1 - sum(r["busy/rollout"] * (r["time/wait_batch_s"] + r["time/train_s"]
+                                                     + r["time/sync_s"]) for r in steps) / seconds,
         "staleness_mean": sum(r["staleness/mean"] for r in steps) / len(steps),
         "staleness_max": max(r["staleness/max"] for r in steps),
         "dropped": sum(v for k, v in last.items() if k.startswith("data/dropped/")),
@@ -81,8 +82,7 @@ def summarize(mode: str, rows: list[dict], batch_samples: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=12)
+    parser = job_parser(__doc__, "throughput", steps=12)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--prompts", type=int, default=16, help="groups per batch")
     parser.add_argument("--samples", type=int, default=4, help="answers per prompt")
@@ -91,9 +91,6 @@ def main() -> None:
     parser.add_argument("--cap", type=int, default=160, help="longest response, in tokens")
     parser.add_argument("--max-staleness", type=int, default=1, help="η of the async modes")
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
-    parser.add_argument("--set", dest="overrides", action="append", default=[])
-    parser.add_argument("--out", default="benchmarks/results/throughput.json")
-    parser.add_argument("--output-dir", default="runs/bench")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="asyncrl-throughput-"))
