@@ -121,6 +121,9 @@ class RolloutConfig(Section):
     oversample: float = Field(1.0, ge=1.0)
     """Admit (oversample − 1) × prompts_per_step groups beyond the staleness gate while the
     next batch is not yet ready, so it fills before the slowest finish (APRIL)."""
+    request_timeout_s: float = Field(1800.0, gt=0)
+    """Longest one generate request (a group, or an evaluation shard) may take; past it the
+    worker counts as hung: it is replaced and the request's samples are generated again."""
     partial: bool = False
     """APRIL partial rollouts: when a batch is full, abort in-flight answers and resume them
     later from their tokens (under newer weights) instead of waiting for them."""

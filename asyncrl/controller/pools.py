@@ -97,6 +97,7 @@ class Pools:
             params=SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k),
             max_staleness=cfg.max_staleness, batch_groups=r.prompts_per_step,
             versions_per_batch=cfg.trainer.minibatches, oversample=r.oversample,
+            request_timeout_s=r.request_timeout_s,
         )
         pools = cls(ctx=ctx, workers=workers, trainer=trainer, data=data, rollout=rollout,
                     reward=reward, prompts=prompts, _workers_spawned=len(workers))
@@ -118,7 +119,8 @@ class Pools:
             shards = [samples[i :: len(workers)] for i in range(len(workers))]
             try:
                 done = await asyncio.gather(
-                    *(w.generate(shard, GREEDY) for w, shard in zip(workers, shards, strict=True)))
+                    *(self._evaluate_on(w, shard) for w, shard in zip(workers, shards,
+                                                                       strict=True)))
                 break
             except WorkerLost as exc:  # evaluation is not accounted: just run it again
                 log.warning("evaluation attempt %d lost a worker (%s)", attempt, exc)
@@ -128,6 +130,15 @@ class Pools:
         correct = [bool(_score_eval(ctx.task, by_id[s.prompt_id], s.response_text).correct)
                    for shard in done for s in shard]
         return sum(correct) / len(correct)
+
+    async def _evaluate_on(self, worker: ActorRef, samples: list[Sample]) -> list[Sample]:
+        timeout = self.ctx.config.rollout.request_timeout_s
+        try:
+            return await asyncio.wait_for(worker.generate(samples, GREEDY), timeout)
+        except TimeoutError:
+            self.rollout.lost_workers.append(worker.name)  # hung: replaced like a dead one
+            raise WorkerLost(f"{worker.name} did not finish an evaluation request within "
+                             f"rollout.request_timeout_s={timeout}s") from None
 
     async def train(self, batch) -> dict[str, float]:
         self.rollout.set_trainer_version(self.trainer_version + self.ctx.config.trainer.minibatches)
@@ -240,10 +251,15 @@ class Pools:
                            "and sync.timeout_s")
 
     async def _swap_dead_workers(self) -> int:
-        """Swap every worker that does not answer a ping for a fresh one, which joins the
+        """Swap every worker that does not answer a ping, or that the RolloutManager found
+        lost (dead, or past rollout.request_timeout_s), for a fresh one, which joins the
         RolloutManager once the rebuilt group handed it the weights. Returns how many."""
         alive, lost = [], []
+        flagged = set(self.rollout.lost_workers)  # dead, or alive but hung on a request
         for worker in self.workers:
+            if worker.name in flagged:
+                lost.append(worker)
+                continue
             try:
                 await asyncio.wait_for(worker.policy_version(), WORKER_PING_TIMEOUT_S)
                 alive.append(worker)

@@ -61,8 +61,10 @@ class RolloutManager:
         batch_groups: int,
         versions_per_batch: int,
         oversample: float,
+        request_timeout_s: float | None = None,
     ) -> None:
         self._workers = {w.name: w for w in workers}
+        self._request_timeout_s = request_timeout_s
         self._load = {w.name: 0 for w in workers}
         self._data = data
         self._next_prompt, self._new_samples, self._score = next_prompt, new_samples, score
@@ -144,9 +146,15 @@ class RolloutManager:
     async def _request(self, name: str, samples: list[Sample]) -> None:
         before = sum(len(s.response_ids) for s in samples)
         try:
-            out = await self._workers[name].generate(samples, self._params)
-        except WorkerLost as exc:
-            log.warning("%s; re-queueing its %d samples", exc, len(samples))
+            out = await asyncio.wait_for(self._workers[name].generate(samples, self._params),
+                                         self._request_timeout_s)
+        except (WorkerLost, TimeoutError) as exc:
+            # A worker that does not answer in time is handled like a dead one: the controller
+            # replaces it (lost_workers), and its samples are generated again elsewhere.
+            reason = exc if isinstance(exc, WorkerLost) else (
+                f"{name} did not answer a request within rollout.request_timeout_s="
+                f"{self._request_timeout_s}s")
+            log.warning("%s; re-queueing its %d samples", reason, len(samples))
             self.remove_worker(name)
             if name not in self.lost_workers:
                 self.lost_workers.append(name)
