@@ -59,6 +59,15 @@ async def _assert_weights_equal_trainer(pools: Pools) -> None:
         assert await worker.policy_version() == pools.trainer_version
 
 
+async def _replaced_and_drained(controller: Controller, victim) -> dict:
+    """The victim is gone, a fresh worker took its place with the trainer's weights; returns
+    the ledger once every request came back."""
+    names = [w.name for w in controller.pools.workers]
+    assert victim.name not in names and len(names) == 2
+    await _assert_weights_equal_trainer(controller.pools)
+    return await _ledger_after_drain(controller)
+
+
 async def _ledger_after_drain(controller: Controller) -> dict:
     await controller.stop_producer()
     await controller.pools.rollout.abort_in_flight()
@@ -151,10 +160,7 @@ async def test_a_hung_rollout_worker_is_replaced_after_the_request_timeout(
             os.kill(pid, signal.SIGSTOP)
             trained += await _train(controller, 3)
         assert any("rollout.request_timeout_s=5" in r.getMessage() for r in caplog.records)
-        names = [w.name for w in controller.pools.workers]
-        assert victim.name not in names and len(names) == 2
-        await _assert_weights_equal_trainer(controller.pools)
-        ledger = await _ledger_after_drain(controller)
+        ledger = await _replaced_and_drained(controller, victim)
     finally:
         await controller.stop_producer()
         controller.pools.close()
@@ -173,10 +179,7 @@ async def test_a_killed_rollout_worker_is_replaced_and_no_sample_is_lost(ray_loc
         victim = controller.pools.workers[0]
         ray.kill(victim.handle, no_restart=True)  # mid-generation: the producer keeps it busy
         trained += await _train(controller, 4)
-        names = [w.name for w in controller.pools.workers]
-        assert victim.name not in names and len(names) == 2
-        await _assert_weights_equal_trainer(controller.pools)
-        ledger = await _ledger_after_drain(controller)
+        ledger = await _replaced_and_drained(controller, victim)
     finally:
         await controller.stop_producer()
         controller.pools.close()
