@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from asyncrl.models.tiny import build_char_tokenizer, build_tiny_model, save_pretrained
@@ -35,3 +36,21 @@ def as_batch(samples: list[Sample], pad_token_id: int) -> TrainBatch:
         groups.setdefault(s.prompt_id, []).append(s)
     return TrainBatch.from_groups(
         [Group(Prompt(pid, "", []), ss) for pid, ss in groups.items()], pad_token_id)
+
+
+def assert_ledger_file_matches(run_dir: Path, ledger: dict) -> None:
+    """ledger.jsonl names every prompt and sample id once, each with one fate, and its counts
+    equal the run's ledger counters (which must balance, with no duplicate)."""
+    rows = [json.loads(line) for line in (run_dir / "ledger.jsonl").open()]
+    samples = [(i, f) for row in rows for i, f in row["samples"].items()]
+    assert ledger["balance"] == 0 and ledger["duplicates"] == 0, ledger
+    assert len({r["prompt_id"] for r in rows}) == len(rows) == ledger["prompts_started"]
+    assert len({i for i, _ in samples}) == len(samples) == ledger["started"]
+    assert sum(f.startswith("trained@") for _, f in samples) == ledger["trained"]
+    assert sum(f == "pending" for _, f in samples) == ledger["pending"]
+    for kind in ("trained", "pending", "dropped"):
+        count = sum(r["fate"].split("@")[0].split(":")[0] == kind for r in rows)
+        assert count == ledger[f"prompts_{kind}"], kind
+    for row in rows:  # a trained prompt was trained once, as one whole group
+        trained = {f for f in row["samples"].values() if f.startswith("trained@")}
+        assert (row["fate"] in trained and len(trained) == 1) if trained else True, row

@@ -39,6 +39,7 @@ from asyncrl.sync.broadcast import WeightSyncTimeout
 from asyncrl.types import Group, TrainBatch
 
 log = logging.getLogger(__name__)
+PRODUCER_STOP_S = 60.0  # a round is a few DataManager calls; past this the actor is gone
 
 
 class Controller:
@@ -51,12 +52,18 @@ class Controller:
     def start_producer(self) -> None:
         self.producer = asyncio.create_task(self.pools.rollout.run())
 
-    async def stop_producer(self) -> None:
-        if self.producer is not None:
-            self.producer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self.producer
-            self.producer = None
+    async def stop_producer(self, *, graceful: bool = True) -> None:
+        """Stop admitting. Graceful: let the current round finish, so every prompt it took
+        is started (and accounted); a round stuck past PRODUCER_STOP_S is cancelled."""
+        producer, self.producer = self.producer, None
+        if producer is None:
+            return
+        if graceful and not producer.done():
+            self.pools.rollout.request_stop()
+            await asyncio.wait([producer], timeout=PRODUCER_STOP_S)
+        producer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await producer
 
     async def step(self) -> tuple[dict[str, float], list[Group]]:
         """Take one batch, train it, sync the weights; returns metrics and the trained groups."""
@@ -121,14 +128,26 @@ class Controller:
         return {**stats, "rollout/workers_replaced": float(pools.workers_replaced - before)}
 
     async def _next_batch(self, version: int) -> list[Group]:
-        cfg = self.ctx.config
+        """Wait for a batch; a rollout worker lost meanwhile is replaced at once (with one
+        worker, or with every worker lost, no batch could come otherwise)."""
+        cfg, rollout = self.ctx.config, self.pools.rollout
         batch = asyncio.create_task(self.pools.data.get_batch(
             cfg.rollout.prompts_per_step, version, cfg.run.batch_timeout_s))
-        done, _ = await asyncio.wait([batch, self.producer], return_when=asyncio.FIRST_COMPLETED)
-        if self.producer in done:  # the producer never ends on its own: surface its error
-            batch.cancel()
-            self.producer.result()
-            raise AsyncrlError("the rollout producer stopped unexpectedly")
+        try:
+            while not batch.done():
+                lost = asyncio.create_task(rollout.worker_lost.wait())
+                done, _ = await asyncio.wait([batch, self.producer, lost],
+                                             return_when=asyncio.FIRST_COMPLETED)
+                lost.cancel()
+                if self.producer in done:  # it never ends on its own: surface its error
+                    self.producer.result()
+                    raise AsyncrlError("the rollout producer stopped unexpectedly")
+                if lost in done:
+                    rollout.worker_lost.clear()
+                    if rollout.lost_workers:
+                        await self.pools.replace_lost_workers()
+        finally:
+            batch.cancel()  # a no-op once it is done
         try:
             return batch.result()
         except TimeoutError:
@@ -206,9 +225,10 @@ async def run_loop(
         if not result.interrupted:
             result.final_model = await pools.save_final()
         result.ledger = await pools.data.stats()
-        write_ledger(ctx.run_dir / "ledger.jsonl", await pools.data.fates())
+        write_ledger(ctx.run_dir / "ledger.jsonl", await pools.data.ledger_entries())
     finally:
-        await controller.stop_producer()
+        with contextlib.suppress(Exception):  # the error that got us here is the one to show
+            await controller.stop_producer(graceful=False)
         pools.close()
         if server is not None:
             server.stop()

@@ -136,7 +136,7 @@ class Pools:
         try:
             return await asyncio.wait_for(worker.generate(samples, GREEDY), timeout)
         except TimeoutError:
-            self.rollout.lost_workers.append(worker.name)  # hung: replaced like a dead one
+            self.rollout.flag_lost(worker.name)  # hung: replaced like a dead one
             raise WorkerLost(f"{worker.name} did not finish an evaluation request within "
                              f"rollout.request_timeout_s={timeout}s") from None
 

@@ -12,6 +12,9 @@ Life of a sample (the ledger counts every one of them exactly once at any time):
 `started == trained + Σ dropped[reason] + pending` always holds (`ledger()` checks it). Every
 sample id also has its own fate (`fates`: pending, trained@VERSION or dropped:REASON); an id
 that would be started twice, or given a second final fate, is counted under `duplicates`.
+Every prompt has a fate too (`prompt_fates`): trained@VERSION once one of its groups was
+trained, pending while a sample or a re-queued attempt is still in play, else the reason its
+last attempt was dropped; a prompt trained twice is counted under `duplicates` as well.
 
 Staleness (asyncrl.algo.staleness) of a group = trainer version − oldest token version in it.
 A ready group older than η when a batch is taken is dropped (reason "stale") and its prompt is
@@ -73,6 +76,7 @@ class GroupBuffer:
         self.resumed = 0  # partials continued from their tokens (not part of the balance)
         self.dropped: dict[str, int] = {}
         self.fates: dict[str, str] = {}  # sample_id → pending | trained@V | dropped:REASON
+        self._samples_of: dict[str, list[str]] = {}  # prompt_id → every sample id it started
         self.duplicates = 0
 
     # --- intake -------------------------------------------------------------------------
@@ -82,7 +86,7 @@ class GroupBuffer:
         self.started += len(samples)
         self._in_flight.update((s.sample_id, s) for s in samples)
         for s in samples:
-            self._begin(s.sample_id)
+            self._begin(s)
 
     def resume(self, samples: list[Sample]) -> None:
         """Partials taken from the pool were dispatched again."""
@@ -119,10 +123,11 @@ class GroupBuffer:
         for s in samples:
             self._settle(s.sample_id, f"dropped:{reason}")
 
-    def _begin(self, sample_id: str) -> None:
-        if sample_id in self.fates:
+    def _begin(self, s: Sample) -> None:
+        if s.sample_id in self.fates:
             self.duplicates += 1
-        self.fates[sample_id] = "pending"
+        self.fates[s.sample_id] = "pending"
+        self._samples_of.setdefault(s.prompt_id, []).append(s.sample_id)
 
     def _settle(self, sample_id: str, fate: str) -> None:
         if self.fates.get(sample_id) != "pending":
@@ -153,7 +158,7 @@ class GroupBuffer:
             prompt_ids=s.prompt_ids, max_new_tokens=s.max_new_tokens,
             min_new_tokens=s.min_new_tokens,
         )
-        self._begin(fresh.sample_id)
+        self._begin(fresh)
         return fresh
 
     def take_requeued(self) -> Prompt | None:
@@ -174,6 +179,9 @@ class GroupBuffer:
         batch = [self._ready.popleft() for _ in range(n_groups)]
         self.trained += sum(len(g.samples) for g in batch)
         for group in batch:
+            if any(self.fates[i].startswith("trained@")
+                   for i in self._samples_of[group.prompt.prompt_id]):
+                self.duplicates += 1  # a second group of one prompt: it was re-queued wrongly
             for s in group.samples:
                 self._settle(s.sample_id, f"trained@{trainer_version}")
         self._training += n_groups
@@ -212,6 +220,33 @@ class GroupBuffer:
         out["duplicates"] = self.duplicates
         return out
 
+    def prompt_fates(self) -> dict[str, str]:
+        """Every prompt's fate (module docstring), from its samples' fates."""
+        requeued = {p.prompt_id for p in self._requeued}
+        out = {}
+        for prompt_id, sample_ids in self._samples_of.items():
+            fates = [self.fates[i] for i in sample_ids]
+            trained = [f for f in fates if f.startswith("trained@")]
+            if trained:
+                out[prompt_id] = trained[0]
+            elif "pending" in fates or prompt_id in requeued:
+                out[prompt_id] = "pending"
+            else:
+                out[prompt_id] = fates[-1]
+        return out
+
+    def ledger_entries(self) -> list[dict]:
+        """The ledger, a row per prompt: its fate and each of its sample ids' fates."""
+        return [{"prompt_id": prompt_id, "fate": fate,
+                 "samples": {i: self.fates[i] for i in self._samples_of[prompt_id]}}
+                for prompt_id, fate in sorted(self.prompt_fates().items())]
+
+    def prompt_counts(self) -> dict[str, int]:
+        kinds = Counter(f.partition("@")[0].partition(":")[0]
+                        for f in self.prompt_fates().values())
+        return {"prompts_started": len(self._samples_of),
+                **{f"prompts_{k}": kinds.get(k, 0) for k in ("trained", "pending", "dropped")}}
+
     def fate_counts(self) -> dict[str, int]:
         """The ledger recounted from the per-id fates: must equal `ledger()`'s counters."""
         kinds = Counter(f.partition("@")[0] for f in self.fates.values())
@@ -233,6 +268,7 @@ class GroupBuffer:
             "dropped": dict(self.dropped),
             "fresh_ids": next(self._fresh_ids),
             "fates": dict(self.fates), "duplicates": self.duplicates,
+            "samples_of": {k: list(v) for k, v in self._samples_of.items()},
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -248,3 +284,4 @@ class GroupBuffer:
         self.dropped = dict(state["dropped"])
         self._fresh_ids = itertools.count(state["fresh_ids"])
         self.fates, self.duplicates = dict(state["fates"]), state["duplicates"]
+        self._samples_of = {k: list(v) for k, v in state["samples_of"].items()}

@@ -86,11 +86,11 @@ class DataManager:
     async def stats(self) -> dict[str, int]:
         b = self._buffer
         return {"ready_groups": b.ready_groups, "active_groups": b.active_groups,
-                "partial_samples": b.partial_count, **b.ledger()}
+                "partial_samples": b.partial_count, **b.ledger(), **b.prompt_counts()}
 
-    async def fates(self) -> dict[str, str]:
-        """Every sample id's fate: pending, trained@VERSION or dropped:REASON."""
-        return dict(self._buffer.fates)
+    async def ledger_entries(self) -> list[dict]:
+        """A row per prompt: its fate and its sample ids' (pending, trained@V, dropped:R)."""
+        return self._buffer.ledger_entries()
 
     async def fate_counts(self) -> dict[str, int]:
         return self._buffer.fate_counts()

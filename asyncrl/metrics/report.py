@@ -75,8 +75,9 @@ def setup_phase(description: str) -> Iterator[None]:
     log.info("%s: done in %.1f s", description, time.perf_counter() - start)
 
 
-def write_ledger(path: Path, fates: dict[str, str]) -> None:
-    """One JSON line per sample id with its fate (pending, trained@VERSION, dropped:REASON)."""
+def write_ledger(path: Path, entries: list[dict]) -> None:
+    """One JSON line per prompt: its fate and its sample ids' fates (pending, trained@VERSION,
+    dropped:REASON)."""
     with path.open("w") as out:
-        for sample_id, fate in sorted(fates.items()):
-            out.write(json.dumps({"sample_id": sample_id, "fate": fate}) + "\n")
+        for entry in entries:
+            out.write(json.dumps(entry) + "\n")

@@ -73,11 +73,14 @@ class RolloutManager:
         self._m, self._oversample = versions_per_batch, oversample
         self.trainer_version = 0
         self._wake = asyncio.Event()
+        self._stopping = False
         self._tasks: dict[asyncio.Task, str] = {}  # request → the worker it went to
         self._busy_since: dict[str, float] = {}  # worker → when its load last left 0
         self.busy_s = 0.0  # Σ over workers of time with at least one request in flight
         self.generated_tokens = 0
         self.lost_workers: list[str] = []  # died since the controller last replaced workers
+        self.worker_lost = asyncio.Event()  # set with each name added to lost_workers
+        self._parked: list[list[Sample]] = []  # dispatched while no worker was available
 
     # --- versions and capacity -------------------------------------------------------------
     def set_trainer_version(self, version: int) -> None:
@@ -96,9 +99,15 @@ class RolloutManager:
 
     # --- the producer loop -----------------------------------------------------------------
     async def run(self) -> None:
-        """Admit and dispatch forever (cancel the task to stop)."""
-        while True:
-            window, extra = self.capacity() if self._workers else (0, 0)
+        """Admit and dispatch until `request_stop()`. It stops only between rounds: a round
+        takes prompts from the DataManager and the dataset, so cut short it would lose them."""
+        self._stopping = False
+        while not self._stopping:
+            if not self._workers:  # all lost: wait for a replacement (add_worker wakes us)
+                await self._wake.wait()
+                self._wake.clear()
+                continue
+            window, extra = self.capacity()
             partials, requeued, free, epoch = await self._data.poll(
                 self.trainer_version, window, extra=extra, batch_groups=self._batch_groups)
             for samples in partials:
@@ -112,6 +121,10 @@ class RolloutManager:
             if not (partials or groups):
                 await self._wait_for_change(epoch)
 
+    def request_stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+
     async def _wait_for_change(self, epoch: int) -> None:
         """Sleep until the buffer changed after `epoch`, the trainer version moved or a worker
         was added (those set `_wake`, which stays set until this wait consumes it)."""
@@ -123,6 +136,9 @@ class RolloutManager:
         self._wake.clear()
 
     def _dispatch(self, samples: list[Sample]) -> None:
+        if not self._load:  # the last worker was lost meanwhile: held for its replacement
+            self._parked.append(samples)
+            return
         name = min(self._load, key=self._load.get)
         if not self._load[name]:
             self._busy_since[name] = time.perf_counter()
@@ -156,8 +172,7 @@ class RolloutManager:
                 f"{self._request_timeout_s}s")
             log.warning("%s; re-queueing its %d samples", reason, len(samples))
             self.remove_worker(name)
-            if name not in self.lost_workers:
-                self.lost_workers.append(name)
+            self.flag_lost(name)
             await self._data.requeue_lost(samples)
             return
         finally:
@@ -176,14 +191,22 @@ class RolloutManager:
         for (name, _), result in zip(workers, results, strict=True):
             if isinstance(result, WorkerLost):
                 log.warning("%s; its requests will be re-queued", result)
-                if name not in self.lost_workers:
-                    self.lost_workers.append(name)
+                self.flag_lost(name)
             elif isinstance(result, BaseException):
                 raise result
+
+    def flag_lost(self, name: str) -> None:
+        """`name` died or hung: the controller replaces it (it waits on `worker_lost`)."""
+        if name not in self.lost_workers:
+            self.lost_workers.append(name)
+        self.worker_lost.set()
 
     def add_worker(self, worker: Any) -> None:
         self._workers[worker.name] = worker
         self._load[worker.name] = 0
+        parked, self._parked = self._parked, []
+        for samples in parked:
+            self._dispatch(samples)
         self._wake.set()
 
     def remove_worker(self, name: str) -> None:

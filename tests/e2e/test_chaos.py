@@ -4,7 +4,6 @@ older than η — before and after the trainer's restart from its checkpoint."""
 
 from __future__ import annotations
 
-import json
 import random
 import threading
 import time
@@ -14,6 +13,7 @@ import pytest
 from asyncrl.config import load_config
 from asyncrl.controller.run import run
 from asyncrl.metrics.report import read_metrics
+from tests.helpers import assert_ledger_file_matches
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -22,7 +22,8 @@ ETA = 2
 
 class ChaosMonkey(threading.Thread):
     """Kills actors of one run by name while it trains: random rollout and reward workers every
-    few seconds, and the trainer once, after the first checkpoint exists."""
+    few seconds, and the trainer once, after the first checkpoint exists. (Every 2–4 s was
+    faster than a worker starts here: all 5 tries to form a weight group could lose a worker.)"""
 
     def __init__(self, ray, run_name: str, checkpoint_root, *, seed: int = 0) -> None:
         super().__init__(daemon=True)
@@ -41,7 +42,7 @@ class ChaosMonkey(threading.Thread):
             pass
 
     def run(self) -> None:
-        trainer_killed, next_kill = False, time.monotonic() + self.rng.uniform(2.0, 4.0)
+        trainer_killed, next_kill = False, time.monotonic() + self.rng.uniform(3.0, 6.0)
         while not self.stop.wait(0.3):
             if not trainer_killed and any(self.checkpoints.glob("step-*/job_state.pkl")):
                 for name in self._alive("trainer"):
@@ -49,7 +50,7 @@ class ChaosMonkey(threading.Thread):
                     trainer_killed = True
             if time.monotonic() < next_kill:
                 continue
-            next_kill = time.monotonic() + self.rng.uniform(2.0, 4.0)
+            next_kill = time.monotonic() + self.rng.uniform(3.0, 6.0)
             for role in ("rollout-worker", "reward-worker"):
                 alive = self._alive(role)
                 if alive and self.rng.random() < 0.6:
@@ -79,12 +80,8 @@ def test_random_kills_of_every_pool_lose_no_sample_and_keep_staleness_bounded(
     killed_roles = {n.split("/")[1].rsplit("-", 1)[0] for n in monkey.killed}
     assert {"rollout-worker", "trainer-rank"} <= killed_roles, monkey.killed
     assert result.restarts == 1
-    assert result.ledger["balance"] == 0 and result.ledger["duplicates"] == 0
     assert result.final_model is not None
-    fates = [json.loads(line)["fate"] for line in (result.run_dir / "ledger.jsonl").open()]
-    assert len(fates) == result.ledger["started"]  # every sample id, each once
-    assert sum(f.startswith("trained@") for f in fates) == result.ledger["trained"]
-    assert sum(f == "pending" for f in fates) == result.ledger["pending"]
+    assert_ledger_file_matches(result.run_dir, result.ledger)
     rows = [r for r in read_metrics(result.run_dir / "metrics.jsonl") if "time/step_s" in r]
     assert max(r["step"] for r in rows) == 16
     assert all(r["staleness/max"] <= ETA for r in rows)

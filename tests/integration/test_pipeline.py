@@ -59,11 +59,11 @@ async def _assert_weights_equal_trainer(pools: Pools) -> None:
         assert await worker.policy_version() == pools.trainer_version
 
 
-async def _replaced_and_drained(controller: Controller, victim) -> dict:
+async def _replaced_and_drained(controller: Controller, victim, workers: int = 2) -> dict:
     """The victim is gone, a fresh worker took its place with the trainer's weights; returns
     the ledger once every request came back."""
     names = [w.name for w in controller.pools.workers]
-    assert victim.name not in names and len(names) == 2
+    assert victim.name not in names and len(names) == workers
     await _assert_weights_equal_trainer(controller.pools)
     return await _ledger_after_drain(controller)
 
@@ -169,17 +169,24 @@ async def test_a_hung_rollout_worker_is_replaced_after_the_request_timeout(
     assert ledger["balance"] == 0 and ledger["trained"] == len(trained) == 5 * 16
 
 
-async def test_a_killed_rollout_worker_is_replaced_and_no_sample_is_lost(ray_local, tmp_path):
+@pytest.mark.parametrize("workers,partial", [(2, False), (1, True)])
+async def test_a_killed_rollout_worker_is_replaced_and_no_sample_is_lost(
+    ray_local, tmp_path, workers, partial
+):
+    """With one worker (the default) its loss leaves no one to fill the batch: the controller
+    must replace it while it waits, not only after a step."""
     import ray
 
-    controller = await _start(_config(tmp_path, "chaos", "mode=async", "max_staleness=1",
-                                      "rollout.max_new_tokens=24"))
+    controller = await _start(_config(tmp_path, f"chaos-{workers}", "mode=async",
+                                      "max_staleness=1", "rollout.max_new_tokens=24",
+                                      f"rollout.num_workers={workers}",
+                                      f"rollout.partial={str(partial).lower()}"))
     try:
         trained = await _train(controller, 2)
         victim = controller.pools.workers[0]
         ray.kill(victim.handle, no_restart=True)  # mid-generation: the producer keeps it busy
         trained += await _train(controller, 4)
-        ledger = await _replaced_and_drained(controller, victim)
+        ledger = await _replaced_and_drained(controller, victim, workers)
     finally:
         await controller.stop_producer()
         controller.pools.close()

@@ -181,6 +181,42 @@ def test_every_sample_id_gets_exactly_one_fate_and_a_requeued_prompt_new_ids():
     assert buf.ledger()["duplicates"] == 2
 
 
+def test_every_prompt_gets_one_fate_and_a_prompt_trained_twice_is_a_duplicate():
+    buf = GroupBuffer(group_size=2, max_staleness=0, drop_all_equal=True)
+    stale, equal, good = (_prompt(i) for i in range(3))
+    for p, rewards in [(stale, (1.0, 0.0)), (equal, (1.0, 1.0)), (good, (1.0, 0.0))]:
+        samples = _samples(p, 2)
+        buf.start_group(p, samples)
+        version = 0 if p is stale else 1
+        buf.add([_finish(s, version, r) for s, r in zip(samples, rewards, strict=True)])
+    buf.pop_batch(1, trainer_version=1)
+    # p0 was dropped as stale but re-queued: still pending, not dropped.
+    assert buf.prompt_fates() == {"p0": "pending", "p1": "dropped:all_equal_reward",
+                                  "p2": "trained@1"}
+    retry = buf.take_requeued()
+    samples = [Sample(sample_id=f"p0/{k}~1", prompt_id="p0", prompt_ids=[1, 2],
+                      max_new_tokens=4) for k in range(2)]
+    buf.start_group(retry, samples)
+    assert buf.prompt_fates()["p0"] == "pending"
+    buf.add([_finish(s, 2, r) for s, r in zip(samples, (1.0, 0.0), strict=True)])
+    buf.pop_batch(1, trainer_version=2)
+    (row,) = [r for r in buf.ledger_entries() if r["prompt_id"] == "p0"]
+    assert row == {"prompt_id": "p0", "fate": "trained@2",
+                   "samples": {"p0/0": "dropped:stale", "p0/1": "dropped:stale",
+                               "p0/0~1": "trained@2", "p0/1~1": "trained@2"}}
+    assert buf.prompt_counts() == {"prompts_started": 3, "prompts_trained": 2,
+                                   "prompts_pending": 0, "prompts_dropped": 1}
+    _balanced(buf)
+    # A bug that started a trained prompt again and trained it: counted, not hidden.
+    again = _samples(good, 2)
+    for s in again:
+        s.sample_id += "~x"
+    buf.start_group(good, again)
+    buf.add([_finish(s, 2, r) for s, r in zip(again, (1.0, 0.0), strict=True)])
+    buf.pop_batch(1, trainer_version=2)
+    assert buf.ledger()["duplicates"] == 1
+
+
 def test_pools_give_a_requeued_prompt_fresh_sample_ids():
     from dataclasses import replace
 
