@@ -64,6 +64,11 @@ class RunMetrics:
             ["pool"], registry=r)
         for pool in POOLS:
             self.busy.labels(pool)
+        self.busy_seconds = Counter(
+            "asyncrl_pool_busy_seconds", "Seconds each pool worked (rollout: generate, summed "
+            "over workers; reward: scoring; trainer: train)", ["pool"], registry=r)
+        for pool in POOLS:
+            self.busy_seconds.labels(pool)
         self.rollout_workers = Gauge(
             "asyncrl_rollout_workers", "Rollout workers in the pool", registry=r)
         self._seen: dict[str, float] = {}  # last cumulative value of each counter-like key
@@ -90,6 +95,7 @@ class RunMetrics:
         for pool in POOLS:
             if f"busy/{pool}" in record:
                 self.busy.labels(pool).set(record[f"busy/{pool}"])
+            self.busy_seconds.labels(pool).inc(record.get(f"time/{pool}_busy_s", 0.0))
         if "rollout/workers" in record:
             self.rollout_workers.set(record["rollout/workers"])
         if "eval/accuracy" in record:
