@@ -12,13 +12,15 @@ from asyncrl.errors import WorkerLost
 
 def spawn(
     cls: type, *args: Any, name: str, num_cpus: float, num_gpus: float = 0,
-    resources: dict[str, float] | None = None, **kwargs: Any,
+    resources: dict[str, float] | None = None, scheduling_strategy: Any = None, **kwargs: Any,
 ) -> ActorRef:
     """Start `cls(*args, **kwargs)` as a named Ray actor on a node that has `num_cpus`,
-    `num_gpus` and the custom `resources` (how each pool is steered to its own nodes)."""
+    `num_gpus` and the custom `resources` (how each pool is steered to its own nodes), or in
+    the placement-group bundle `scheduling_strategy` names (asyncrl.cluster.placement)."""
     actor_cls = ray.remote(cls)
     handle = actor_cls.options(name=name, num_cpus=num_cpus, num_gpus=num_gpus,
-                               resources=resources or None).remote(*args, **kwargs)
+                               resources=resources or None,
+                               scheduling_strategy=scheduling_strategy).remote(*args, **kwargs)
     return ActorRef(handle, name)
 
 

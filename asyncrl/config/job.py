@@ -10,6 +10,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+Placement = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]  # Ray's strategies
+
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_default=True)
@@ -106,6 +108,10 @@ class RolloutConfig(Section):
     worker_resources: dict[str, float] = {}
     """Custom Ray resources each rollout worker needs, e.g. {rollout: 1} to place the pool on
     nodes started with `ray start --resources '{"rollout": 8}'`."""
+    placement: Placement | None = None
+    """Reserve the pool as one Ray placement group, a bundle per worker, with this strategy
+    (PACK, SPREAD, STRICT_PACK, STRICT_SPREAD) before any worker starts; None: place each
+    worker on its own."""
     prompts_per_step: int = Field(32, ge=1)
     """Groups (prompts) in one training batch."""
     n_samples: int = Field(8, ge=1)
@@ -151,8 +157,12 @@ class RewardConfig(Section):
     """Reward worker actors; 0 scores in the driver process."""
     num_cpus: float = Field(0.25, ge=0)
     """CPUs Ray reserves for each reward worker."""
+    num_gpus: float = Field(0.0, ge=0)
+    """GPUs Ray reserves for each reward worker (a reward model on a GPU)."""
     resources: dict[str, float] = {}
     """Custom Ray resources each reward worker needs (places the pool on its own nodes)."""
+    placement: Placement | None = None
+    """As rollout.placement, for the reward workers."""
     concurrency: int = Field(32, ge=1)
     """Rewards one worker scores at once."""
     batch_size: int = Field(64, ge=1)
@@ -310,6 +320,9 @@ class RunConfig(Section):
     """Times the job restarts from its newest checkpoint after losing the trainer actor."""
     batch_timeout_s: float = Field(600.0, gt=0)
     """Longest the trainer waits for one batch before the run fails with a clear error."""
+    placement_timeout_s: float = Field(600.0, gt=0)
+    """Longest a pool's placement group (rollout.placement, reward.placement) may take to be
+    placed (an autoscaler adding nodes) before the run fails naming the pool."""
 
 
 class JobConfig(Section):
@@ -365,6 +378,16 @@ class JobConfig(Section):
                 f"({self.model.tiny.max_position_embeddings}): lower it or raise the other"
             )
         self._check_cpus()
+        if self.reward.placement and self.reward.num_workers == 0:
+            raise ValueError("reward.placement needs reward workers (reward.num_workers ≥ 1); "
+                             "with 0 the reward runs in the driver: drop reward.placement")
+        if self.reward.placement and not (self.reward.num_cpus or self.reward.num_gpus
+                                          or self.reward.resources):
+            raise ValueError("reward.placement: a bundle must reserve something; set "
+                             "reward.num_cpus > 0 (or num_gpus, resources)")
+        if self.reward.num_gpus and self.reward.num_workers == 0:
+            raise ValueError("reward.num_gpus is for reward worker actors; set "
+                             "reward.num_workers ≥ 1 (0 scores in the driver, without a GPU)")
         if self.trainer.minibatches > self.rollout.prompts_per_step * self.rollout.n_samples:
             raise ValueError(
                 f"trainer.minibatches ({self.trainer.minibatches}) exceeds the samples per batch"

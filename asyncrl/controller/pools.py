@@ -14,6 +14,7 @@ from pathlib import Path
 
 from asyncrl.algo.staleness import staleness
 from asyncrl.cluster.actors import ActorRef, LocalRef, kill_all, node_ip, run_in_actor, spawn
+from asyncrl.cluster.placement import PoolPlacement, bundle_of
 from asyncrl.controller.checkpoint import (
     TRAINER_DIR,
     load_rng_state,
@@ -67,12 +68,20 @@ class Pools:
     _joining: list[ActorRef] = field(default_factory=list)  # spawned, weights not yet loaded
     workers_replaced: int = 0
     _compute_seen: dict[str, float] = field(default_factory=dict)  # engine seconds read, by worker
+    placements: list[PoolPlacement] = field(default_factory=list)  # released at close
+    _rollout_placement: PoolPlacement | None = None
 
     @classmethod
     async def start(cls, ctx: JobContext) -> Pools:
         cfg, r = ctx.config, ctx.config.rollout
         model_path = str(ctx.model_path)
-        workers = [_spawn_rollout_worker(ctx, i) for i in range(r.num_workers)]
+        rollout_placement, reward_placement = _placements(ctx)
+        placements = [p for p in (rollout_placement, reward_placement) if p is not None]
+        if rollout_placement is not None:
+            await rollout_placement.reserve(r.num_workers)
+        if reward_placement is not None:
+            await reward_placement.reserve(cfg.reward.num_workers)
+        workers = [_spawn_rollout_worker(ctx, i, rollout_placement) for i in range(r.num_workers)]
         trainer = spawn(TrainerWorker, model_path, cfg, name=f"{cfg.run.name}/trainer-rank-0",
                         num_cpus=cfg.trainer.num_cpus, num_gpus=cfg.trainer.num_gpus,
                         resources=cfg.trainer.resources)
@@ -86,7 +95,7 @@ class Pools:
             prompts[prompt.prompt_id] = prompt
             return prompt
 
-        reward = _reward_pool(ctx)
+        reward = _reward_pool(ctx, reward_placement)
 
         async def score(samples: list[Sample]) -> None:
             await reward.score(samples, prompts)
@@ -100,13 +109,16 @@ class Pools:
             request_timeout_s=r.request_timeout_s,
         )
         pools = cls(ctx=ctx, workers=workers, trainer=trainer, data=data, rollout=rollout,
-                    reward=reward, prompts=prompts, _workers_spawned=len(workers))
+                    reward=reward, prompts=prompts, _workers_spawned=len(workers),
+                    placements=placements, _rollout_placement=rollout_placement)
         await pools.rebuild_weight_group(sync=False)  # every process loaded the same weights
         return pools
 
     def close(self) -> None:
         reward_actors = [w for w in self.reward.workers if isinstance(w, ActorRef)]
         kill_all([*self.workers, self.trainer, self.data, *reward_actors])
+        for placement in self.placements:
+            placement.close()
 
     async def evaluate(self) -> float:
         """Held-out greedy exact-match accuracy, scored by the task itself."""
@@ -187,11 +199,21 @@ class Pools:
         return stats
 
     def _spawn_worker(self) -> ActorRef:
+        """A new rollout worker (in a free bundle of the pool's placement, if it has one)."""
         self._workers_spawned += 1
-        return _spawn_rollout_worker(self.ctx, self._workers_spawned - 1)
+        return _spawn_rollout_worker(self.ctx, self._workers_spawned - 1,
+                                     self._rollout_placement)
+
+    def _kill_workers(self, workers: list[ActorRef]) -> None:
+        kill_all(workers)
+        if self._rollout_placement is not None:
+            for worker in workers:
+                self._rollout_placement.release(worker.name)
 
     async def add_worker(self) -> ActorRef:
         """A worker joining a running job gets the current weights before its first request."""
+        if self._rollout_placement is not None:
+            await self._rollout_placement.reserve(1)
         worker = self._spawn_worker()
         self.workers.append(worker)
         self._joining.append(worker)
@@ -212,7 +234,7 @@ class Pools:
             for worker in leaving:
                 await self.rollout.retire_worker(worker.name)
             self.workers = self.workers[:change]
-            kill_all(leaving)
+            self._kill_workers(leaving)
             await self.rebuild_weight_group(sync=False)  # the rest hold the current weights
         if change:
             log.info("rollout pool scaled to %d workers (%+d)", len(self.workers), change)
@@ -270,7 +292,7 @@ class Pools:
             return 0
         log.warning("replacing %d lost rollout worker(s): %s", len(lost),
                     ", ".join(w.name for w in lost))
-        kill_all(lost)
+        self._kill_workers(lost)  # their bundles go to their successors
         for worker in lost:
             self.rollout.remove_worker(worker.name)
         fresh = [self._spawn_worker() for _ in lost]
@@ -335,34 +357,65 @@ async def _on_trainer(call, timeout_s: float):
         raise TrainerLost(f"no answer within trainer.call_timeout_s={timeout_s}s") from None
 
 
-def _reward_pool(ctx: JobContext) -> RewardPool:
-    """Reward workers as actors, or one in the driver's process when reward.num_workers is 0."""
+def _placements(ctx: JobContext) -> tuple[PoolPlacement | None, PoolPlacement | None]:
+    """The rollout and reward pools' placement groups, where their config asks for one."""
+    cfg = ctx.config
+    r, rw = cfg.rollout, cfg.reward
+    timeout = cfg.run.placement_timeout_s
+    rollout = reward = None
+    if r.placement:
+        rollout = PoolPlacement(
+            "rollout.placement", bundle_of(r.worker_num_cpus, r.worker_num_gpus,
+                                           r.worker_resources),
+            r.placement, name=f"{cfg.run.name}/rollout", ready_timeout_s=timeout)
+    if rw.placement:
+        reward = PoolPlacement(
+            "reward.placement", bundle_of(rw.num_cpus, rw.num_gpus, rw.resources),
+            rw.placement, name=f"{cfg.run.name}/reward", ready_timeout_s=timeout)
+    return rollout, reward
+
+
+def _reward_pool(ctx: JobContext, placement: PoolPlacement | None) -> RewardPool:
+    """Reward workers as actors, or one in the driver's process when reward.num_workers is 0.
+    With a placement, a replaced worker's successor takes its bundle."""
     cfg = ctx.config.reward
     options = dict(concurrency=cfg.concurrency, timeout_s=cfg.timeout_s)
 
     def spawn_worker(index: int) -> ActorRef | LocalRef:
         if cfg.num_workers == 0:
             return LocalRef(RewardWorker(ctx.reward, **options), "reward-worker-local")
-        return spawn(RewardWorker, ctx.reward, name=f"{ctx.config.run.name}/reward-worker-{index}",
-                     num_cpus=cfg.num_cpus, resources=cfg.resources, **options)
+        name = f"{ctx.config.run.name}/reward-worker-{index}"
+        return spawn(RewardWorker, ctx.reward, name=name, num_cpus=cfg.num_cpus,
+                     num_gpus=cfg.num_gpus, resources=cfg.resources,
+                     scheduling_strategy=placement.take(name) if placement else None,
+                     **options)
+
+    def kill(ref: ActorRef) -> None:
+        kill_all([ref])
+        if placement is not None:
+            placement.release(ref.name)
 
     return RewardPool(
         spawn_worker, num_workers=max(cfg.num_workers, 1), batch_size=cfg.batch_size,
         call_timeout_s=pool_call_timeout(cfg.timeout_s, cfg.batch_size, cfg.concurrency),
         retries=cfg.retries, backoff_s=cfg.backoff_s, on_failure=cfg.on_failure,
         failure_value=cfg.failure_value,
-        kill=(lambda ref: kill_all([ref])) if cfg.num_workers else None,
+        kill=kill if cfg.num_workers else None,
     )
 
 
-def _spawn_rollout_worker(ctx: JobContext, index: int) -> ActorRef:
+def _spawn_rollout_worker(
+    ctx: JobContext, index: int, placement: PoolPlacement | None
+) -> ActorRef:
     """Worker `index` (never reused: a replacement gets a new index, name and sampling seed)."""
     cfg = ctx.config
     vllm = cfg.rollout.vllm.model_dump() if cfg.rollout.engine == "vllm" else None
+    name = f"{cfg.run.name}/rollout-worker-{index}"
     return spawn(RolloutWorker, str(ctx.model_path), cfg.rollout.engine,
-                 seed=cfg.run.seed + 1000 * index, name=f"{cfg.run.name}/rollout-worker-{index}",
+                 seed=cfg.run.seed + 1000 * index, name=name,
                  num_cpus=cfg.rollout.worker_num_cpus,
                  num_gpus=cfg.rollout.worker_num_gpus, resources=cfg.rollout.worker_resources,
+                 scheduling_strategy=placement.take(name) if placement else None,
                  vllm_options=vllm)
 
 

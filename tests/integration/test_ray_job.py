@@ -97,8 +97,9 @@ def test_ray_job_submit_runs_asyncrl_train_with_pools_on_their_own_nodes(tmp_pat
             "model: {warm_start: {steps: 5}}\n"
             "data: {eval_size: 8}\n"
             "rollout: {prompts_per_step: 4, n_samples: 4, worker_num_cpus: 0.5,\n"
-            "          worker_resources: {rollout: 1}}\n"
-            "reward: {num_workers: 1, num_cpus: 0.25, resources: {rollout: 0.5}}\n"
+            "          worker_resources: {rollout: 1}, placement: STRICT_PACK}\n"
+            "reward: {num_workers: 1, num_cpus: 0.25, resources: {rollout: 0.5},\n"
+            "         placement: PACK}\n"
             "trainer: {num_cpus: 0.5, resources: {trainer: 1}}\n")
         out_dir = tmp_path / "runs"
         deadline = time.monotonic() + 120
@@ -119,6 +120,21 @@ def test_ray_job_submit_runs_asyncrl_train_with_pools_on_their_own_nodes(tmp_pat
         rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
         assert max(r.get("step", 0) for r in rows) == 3
         assert (run_dir / "final_model" / "model.safetensors").is_file()
+        assert f"report: {run_dir / 'report' / 'index.html'}" in logs
+        assert (run_dir / "report" / "index.html").is_file()
+
+        # Without `ray job submit`: `--address` joins the same cluster from outside (no
+        # RAY_ADDRESS). Only that cluster has the `trainer` resource, so an embedded one
+        # could never place the trainer: finishing shows the address was used.
+        direct = subprocess.run(
+            ["asyncrl", "train", str(job_dir / "job.yaml"), "-q", "--address", gcs, "--set",
+             f"run.output_dir={out_dir}", "--set", "run.name=direct", "--set", "run.steps=2",
+             "--set", "run.batch_timeout_s=60"],
+            env=env, capture_output=True, text=True, timeout=240, cwd=tmp_path)
+        assert direct.returncode == 0, direct.stdout[-2000:] + direct.stderr[-3000:]
+        assert "held-out accuracy" in direct.stdout
+        assert max(json.loads(line).get("step", 0)
+                   for line in (out_dir / "direct" / "metrics.jsonl").open()) == 2
     finally:
         if worker is not None:
             _stop(worker)

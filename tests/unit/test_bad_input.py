@@ -56,6 +56,12 @@ BAD_CONFIGS = [
     (["rollout.engine=sglang"], "rollout.engine"),
     (["rollout.n_samples"], "section.field=value"),
     (["run.steps.max=3"], "run.steps: Input should be a valid integer"),
+    (["rollout.placement=spread"], "rollout.placement: Input should be 'PACK', 'SPREAD'"),
+    (["reward.num_workers=0", "reward.placement=PACK"],
+     "with 0 the reward runs in the driver: drop reward.placement"),
+    (["reward.num_cpus=0", "reward.placement=SPREAD"], "set reward.num_cpus > 0"),
+    (["reward.num_workers=0", "reward.num_gpus=1"], "set reward.num_workers ≥ 1"),
+    (["run.placement_timeout_s=0"], "run.placement_timeout_s"),
 ]
 
 
