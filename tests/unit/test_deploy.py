@@ -112,3 +112,19 @@ def test_dockerfiles_pass_hadolint():
     proc = subprocess.run(["hadolint", *map(str, files)], capture_output=True, text=True,
                           timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_the_cpu_image_pins_every_package_it_installs():
+    """Dockerfile.cpu installs `.[rewards]` under docker/constraints-cpu.txt: each direct
+    dependency (and, through the freeze, each transitive one) has an exact version there."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    wanted = [*project["dependencies"], *project["optional-dependencies"]["rewards"]]
+    names = {re.split(r"[\[<>=!~ ;]", req, maxsplit=1)[0].lower().replace("_", "-")
+             for req in wanted} - {"torch"}  # torch: pinned in the Dockerfile (CPU index)
+    lines = (DOCKER / "constraints-cpu.txt").read_text().splitlines()
+    pins = dict(line.split("==", 1) for line in lines if line and not line.startswith("#"))
+    pinned = {name.lower().replace("_", "-") for name in pins}
+    assert names <= pinned, names - pinned
+    assert "-c /tmp/constraints.txt" in (DOCKER / "Dockerfile.cpu").read_text()
