@@ -60,6 +60,7 @@ def write_report(run_dir: Path, out_dir: Path | None = None) -> Path:
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     out_dir = out_dir or run_dir / REPORT_DIR
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -80,6 +81,7 @@ def write_report(run_dir: Path, out_dir: Path | None = None) -> Path:
                         markersize=3, linewidth=1.5)
         ax.set_title(panel.title)
         ax.set_xlabel("training step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
         ax.set_ylabel(panel.ylabel)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="best")
