@@ -6,10 +6,12 @@ Every model forbids unknown keys; every field has a docstring (printed by `--hel
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+log = logging.getLogger(__name__)
 Placement = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]  # Ray's strategies
 
 
@@ -225,6 +227,26 @@ class AlgorithmConfig(Section):
     tokens above the cap instead (AReaL's rule)."""
     behaviour_weight_cap: float = Field(2.0, gt=0)
     """Cap of the behaviour importance weight."""
+
+    @model_validator(mode="after")
+    def _warn_ignored_fields(self) -> AlgorithmConfig:
+        """A field set for an option that is not selected is ignored: say so, loudly but not
+        fatally (a sweep may switch an option off and keep its knobs)."""
+        needs = {  # field: (what it applies to, whether that is selected, the fix)
+            "normalize_std": ("advantage=grpo", self.advantage == "grpo", "advantage=grpo"),
+            "dual_clip_c": ("loss=dual_clip", self.loss == "dual_clip", "loss=dual_clip"),
+            "kl_clamp": ("kl_estimator=k3 with kl_coef > 0",
+                         self.kl_estimator == "k3" and self.kl_coef > 0,
+                         "kl_estimator=k3 and a kl_coef > 0"),
+            "kl_estimator": ("kl_coef > 0", self.kl_coef > 0, "a kl_coef > 0"),
+            "behaviour_weight_cap": ("an off_policy_correction", self.off_policy_correction
+                                     != "none", "off_policy_correction=decoupled (or tis)"),
+        }
+        for name, (applies_to, selected, fix) in needs.items():
+            if name in self.model_fields_set and not selected:
+                log.warning("algorithm.%s only applies to %s, so it is ignored: set "
+                            "algorithm.%s, or drop algorithm.%s", name, applies_to, fix, name)
+        return self
 
 
 class TrainerConfig(Section):

@@ -4,6 +4,7 @@ and differs from the loss without it (so a field the objective ignored would fai
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import pytest
@@ -162,3 +163,27 @@ def test_kl_clamp_and_dual_clip_c_are_validated_and_null_disables_the_clamp():
                               ("algorithm.kl_clamp=0", "algorithm.kl_clamp")):
         with pytest.raises(ConfigError, match=message):
             load_config(None, [override])
+
+
+@pytest.mark.parametrize("overrides, field, applies_to", [
+    (["algorithm.dual_clip_c=2"], "dual_clip_c", "loss=dual_clip"),
+    (["algorithm.normalize_std=false", "algorithm.advantage=rloo"], "normalize_std",
+     "advantage=grpo"),
+    (["algorithm.kl_clamp=5"], "kl_clamp", "kl_estimator=k3 with kl_coef > 0"),
+    (["algorithm.kl_estimator=k2"], "kl_estimator", "kl_coef > 0"),
+    (["algorithm.behaviour_weight_cap=3", "algorithm.off_policy_correction=none"],
+     "behaviour_weight_cap", "an off_policy_correction"),
+])
+def test_a_field_of_an_unselected_option_is_reported_as_ignored(
+        caplog, overrides, field, applies_to):
+    with caplog.at_level(logging.WARNING, logger="asyncrl.config.job"):
+        load_config(None, overrides)
+    assert f"algorithm.{field} only applies to {applies_to}, so it is ignored" in caplog.text
+
+
+def test_fields_of_selected_options_are_not_reported(caplog):
+    with caplog.at_level(logging.WARNING, logger="asyncrl.config.job"):
+        load_config(None, ["algorithm.loss=dual_clip", "algorithm.dual_clip_c=2",
+                           "algorithm.kl_coef=0.1", "algorithm.kl_clamp=5",
+                           "algorithm.normalize_std=false"])
+    assert "ignored" not in caplog.text
