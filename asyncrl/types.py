@@ -84,6 +84,15 @@ class Sample:
 
     `rollout_logprobs[i]` and `token_versions[i]` describe `response_ids[i]`: the behaviour
     policy's log-probability of that token and the policy version that sampled it.
+
+    Multi-turn episodes (asyncrl.rollout.workflow) interleave environment tokens (tool output,
+    observations) with the model's. `response_mask[i]` is False for such a token; positions at
+    or past `len(response_mask)` are model tokens, so an empty mask means "all model tokens"
+    and engines, which only append model tokens, never touch it. An environment token has
+    logprob 0 and the version of the model token before it, so the oldest version (staleness)
+    is always a model token's. `episode` is the workflow's state (turns, the environment's own
+    state); empty for a single-turn sample. It lives on the sample so a partial, or a
+    checkpoint (which pickles samples), resumes the episode where it stopped.
     """
 
     sample_id: str
@@ -97,6 +106,8 @@ class Sample:
     reward: Reward | None = None
     response_text: str = ""
     min_new_tokens: int = 0  # EOS is not sampled before this many tokens (forced lengths)
+    response_mask: list[bool] = field(default_factory=list)  # see the class docstring
+    episode: dict[str, Any] = field(default_factory=dict)
 
     @property
     def is_finished(self) -> bool:
@@ -114,6 +125,24 @@ class Sample:
         self.response_ids.append(token_id)
         self.rollout_logprobs.append(logprob)
         self.token_versions.append(version)
+
+    def append_environment(self, token_ids: list[int]) -> None:
+        """Append environment tokens (never trained): logprob 0, the last token's version."""
+        if not token_ids:
+            return
+        if not self.response_ids:
+            raise ValueError(f"sample {self.sample_id!r}: an episode starts with a model turn")
+        self.response_mask += [True] * (len(self.response_ids) - len(self.response_mask))
+        version = self.token_versions[-1]
+        for token_id in token_ids:
+            self.response_ids.append(token_id)
+            self.rollout_logprobs.append(0.0)
+            self.token_versions.append(version)
+            self.response_mask.append(False)
+
+    def model_token_mask(self) -> list[bool]:
+        """One bool per response token: True for a model token (trained)."""
+        return self.response_mask + [True] * (len(self.response_ids) - len(self.response_mask))
 
 
 @dataclass(slots=True)
@@ -135,11 +164,15 @@ class TrainBatch:
     Attributes:
         input_ids: [B, T] int64, prompt + response, right-padded.
         attention_mask: [B, T] bool, True for real tokens.
-        loss_mask: [B, T] bool, True for response tokens that are trained.
+        loss_mask: [B, T] bool, True for response tokens that are trained (model tokens; an
+            episode's environment tokens are False).
         rollout_logprobs: [B, T] float32, behaviour-policy logprobs (0 where not a response token).
         token_versions: [B, T] int64, policy version per token (-1 where not a response token).
         rewards: [B] float32, one scalar reward per sample.
         group_ids: [B] int64, samples with the same id belong to the same prompt's group.
+        expert_rows: [B] bool, True for off-policy expert samples (asyncrl.algo.expert), which
+            have no behaviour logprobs and are trained by the SFT term only; None: none.
+        expert_coef: μ, the weight of the expert term this step.
     """
 
     input_ids: torch.Tensor
@@ -150,15 +183,27 @@ class TrainBatch:
     rewards: torch.Tensor
     group_ids: torch.Tensor
     sample_ids: list[str] = field(default_factory=list)
+    expert_rows: torch.Tensor | None = None
+    expert_coef: float = 0.0
 
     @property
     def size(self) -> int:
         return int(self.input_ids.shape[0])
 
     @classmethod
-    def from_groups(cls, groups: list[Group], pad_token_id: int) -> TrainBatch:
-        """Pack scored, finished groups into right-padded [B, T] tensors."""
-        samples = [(gi, s) for gi, g in enumerate(groups) for s in g.samples]
+    def from_groups(cls, groups: list[Group], pad_token_id: int, *,
+                    expert: list[Sample] = (), expert_coef: float = 0.0) -> TrainBatch:
+        """Pack scored, finished groups into right-padded [B, T] tensors. An `expert` sample
+        follows its prompt's group (so minibatch splits spread them) as a group of its own
+        with reward 0: no advantage reaches it."""
+        by_prompt = {s.prompt_id: s for s in expert}
+        samples, is_expert = [], []
+        for gi, g in enumerate(groups):
+            samples += [(gi, s) for s in g.samples]
+            is_expert += [False] * len(g.samples)
+            if g.prompt.prompt_id in by_prompt:
+                samples.append((len(groups) + len(samples), by_prompt[g.prompt.prompt_id]))
+                is_expert.append(True)
         width = max(len(s.prompt_ids) + len(s.response_ids) for _, s in samples)
         b = len(samples)
         input_ids = torch.full((b, width), pad_token_id, dtype=torch.long)
@@ -172,11 +217,15 @@ class TrainBatch:
             p, r = len(s.prompt_ids), len(s.response_ids)
             input_ids[row, : p + r] = torch.tensor(s.prompt_ids + s.response_ids)
             attention_mask[row, : p + r] = True
-            loss_mask[row, p : p + r] = True
+            loss_mask[row, p : p + r] = torch.tensor(s.model_token_mask(), dtype=torch.bool)
             rollout_logprobs[row, p : p + r] = torch.tensor(s.rollout_logprobs)
             token_versions[row, p : p + r] = torch.tensor(s.token_versions)
             rewards[row] = s.reward.value if s.reward is not None else math.nan
             group_ids[row] = gi
+        expert_rows = None
+        if any(is_expert):
+            expert_rows = torch.tensor(is_expert)
+            rewards[expert_rows] = 0.0
         return cls(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -186,6 +235,8 @@ class TrainBatch:
             rewards=rewards,
             group_ids=group_ids,
             sample_ids=[s.sample_id for _, s in samples],
+            expert_rows=expert_rows,
+            expert_coef=expert_coef,
         )
 
     def take(self, rows: torch.Tensor) -> TrainBatch:
@@ -200,4 +251,6 @@ class TrainBatch:
             rewards=self.rewards[rows],
             group_ids=self.group_ids[rows],
             sample_ids=[self.sample_ids[i] for i in rows.tolist()],
+            expert_rows=None if self.expert_rows is None else self.expert_rows[rows],
+            expert_coef=self.expert_coef,
         )

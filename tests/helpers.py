@@ -44,11 +44,12 @@ def assert_ledger_file_matches(run_dir: Path, ledger: dict) -> None:
     rows = [json.loads(line) for line in (run_dir / "ledger.jsonl").open()]
     samples = [(i, f) for row in rows for i, f in row["samples"].items()]
     assert ledger["balance"] == 0 and ledger["duplicates"] == 0, ledger
-    assert len({r["prompt_id"] for r in rows}) == len(rows) == ledger["prompts_started"]
+    drawn = ledger["prompts_started"] + ledger["prompts_skipped"]
+    assert len({r["prompt_id"] for r in rows}) == len(rows) == drawn
     assert len({i for i, _ in samples}) == len(samples) == ledger["started"]
     assert sum(f.startswith("trained@") for _, f in samples) == ledger["trained"]
     assert sum(f == "pending" for _, f in samples) == ledger["pending"]
-    for kind in ("trained", "pending", "dropped"):
+    for kind in ("trained", "pending", "dropped", "skipped"):
         count = sum(r["fate"].split("@")[0].split(":")[0] == kind for r in rows)
         assert count == ledger[f"prompts_{kind}"], kind
     for row in rows:  # a trained prompt was trained once, as one whole group

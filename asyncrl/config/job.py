@@ -65,6 +65,34 @@ class ModelConfig(Section):
     """Short supervised warm start of the built-in model, so RL starts from a non-zero reward."""
 
 
+class CurriculumConfig(Section):
+    """Online difficulty filtering (asyncrl.data.curriculum): per-prompt pass rates recorded
+    from every scored group; a prompt outside [low, high] is skipped before generation."""
+
+    enabled: bool = False
+    """Skip drawn prompts whose recorded pass rate is outside [low, high] (fate
+    skipped:too_hard / skipped:too_easy in the ledger, counted in data/prompts_skipped)."""
+    low: float = Field(0.0, ge=0, le=1)
+    """Skip a prompt whose pass rate is below this (too hard)."""
+    high: float = Field(1.0, ge=0, le=1)
+    """Skip a prompt whose pass rate is above this (too easy)."""
+    min_samples: int = Field(4, ge=1)
+    """Recorded answers a prompt needs before its pass rate is trusted; fewer: generated."""
+    max_skips: int = Field(3, ge=1)
+    """A prompt skipped this many times in a row is generated again, so its pass rate follows
+    the policy (and a dataset the filter rejects entirely cannot stall the run)."""
+
+    @model_validator(mode="after")
+    def _bounds(self) -> CurriculumConfig:
+        if self.low > self.high:
+            raise ValueError(f"data.curriculum.low ({self.low}) is above data.curriculum.high "
+                             f"({self.high}): no prompt could be kept; set low <= high")
+        if self.enabled and self.low == 0 and self.high == 1:
+            raise ValueError("data.curriculum.enabled with low=0 and high=1 skips nothing: "
+                             "raise data.curriculum.low or lower data.curriculum.high")
+        return self
+
+
 class DataConfig(Section):
     task: str = "sort_digits"
     """Built-in procedural task that generates prompts (see asyncrl.data.tasks.TASKS)."""
@@ -83,6 +111,13 @@ class DataConfig(Section):
     """Field of a JSONL line that holds the reference answer (given to the reward)."""
     drop_all_equal: bool = False
     """Dynamic sampling (DAPO): drop groups whose rewards are all equal (no learning signal)."""
+    expert_field: str | None = None
+    """Off-policy expert data (CHORD): where a prompt's expert response is, 'answer' (the
+    reference answer, e.g. of a built-in task) or a JSONL field; each trained group's prompt
+    then adds its expert response to the batch, trained by the algorithm.expert_* SFT term.
+    None: off."""
+    curriculum: CurriculumConfig = CurriculumConfig()
+    """Skip prompts that are too easy or too hard, from their recorded pass rates."""
 
 
 class VllmOptions(Section):
@@ -94,6 +129,35 @@ class VllmOptions(Section):
     """Fraction of GPU memory vLLM may take (used when kv_cache_memory_bytes is None)."""
     enforce_eager: bool = True
     """Skip torch.compile and CUDA graphs: starts much faster (CPU); set false on GPUs."""
+
+
+class AdaptiveSamplesConfig(Section):
+    """Variable samples per prompt (asyncrl.data.curriculum); groups then differ in size."""
+
+    mode: Literal["off", "pass_rate", "two_stage"] = "off"
+    """'pass_rate': a prompt with a recorded pass rate p gets round(n_min + (n_max − n_min) ×
+    (1 − p)) samples, unknown prompts rollout.n_samples (BroRL, DRIVE hard focus);
+    'two_stage': stage2_n samples from policy version stage2_version on (DRIVE 8 → 64)."""
+    n_min: int = Field(2, ge=2)
+    """pass_rate: samples of a prompt always solved."""
+    n_max: int = Field(16, ge=2)
+    """pass_rate: samples of a prompt never solved."""
+    stage2_version: int = Field(0, ge=0)
+    """two_stage: the policy version from which every prompt gets stage2_n samples."""
+    stage2_n: int = Field(64, ge=2)
+    """two_stage: samples per prompt in the second stage."""
+
+    @model_validator(mode="after")
+    def _range(self) -> AdaptiveSamplesConfig:
+        if self.n_min > self.n_max:
+            raise ValueError(f"rollout.adaptive_samples.n_min ({self.n_min}) is above n_max "
+                             f"({self.n_max}): set n_min <= n_max")
+        return self
+
+    def smallest(self, default: int) -> int:
+        """The smallest group this rule can start (default: rollout.n_samples)."""
+        return {"off": default, "pass_rate": min(default, self.n_min),
+                "two_stage": min(default, self.stage2_n)}[self.mode]
 
 
 class RolloutConfig(Section):
@@ -135,6 +199,20 @@ class RolloutConfig(Section):
     partial: bool = False
     """APRIL partial rollouts: when a batch is full, abort in-flight answers and resume them
     later from their tokens (under newer weights) instead of waiting for them."""
+    workflow: str | None = None
+    """Multi-turn episodes: a built-in environment ('python_tool', 'guess_number') or a
+    'package.module:factory' path (a class or function called with workflow_kwargs, returning
+    an object with start(prompt) -> dict and step(turn, state) -> Step); None: single-turn.
+    Observation tokens are never trained; max_new_tokens bounds model + observation tokens."""
+    workflow_kwargs: dict[str, Any] = {}
+    """Keyword arguments of the workflow (e.g. python_tool's timeout_s)."""
+    max_turns: int = Field(4, ge=1)
+    """Model turns per multi-turn episode (rollout.workflow only)."""
+    max_turn_tokens: int | None = Field(None, ge=1)
+    """Model tokens per turn; a turn ends at EOS or here (None: what is left of
+    max_new_tokens). rollout.workflow only."""
+    adaptive_samples: AdaptiveSamplesConfig = AdaptiveSamplesConfig()
+    """Samples per prompt chosen per prompt (off: every prompt gets n_samples)."""
 
 
 class RewardConfig(Section):
@@ -227,6 +305,16 @@ class AlgorithmConfig(Section):
     tokens above the cap instead (AReaL's rule)."""
     behaviour_weight_cap: float = Field(2.0, gt=0)
     """Cap of the behaviour importance weight."""
+    expert_coef: float = Field(0.5, ge=0, le=1)
+    """μ at the first step: the weight of the expert SFT term, (1 − μ) that of the RL loss
+    (CHORD; used with data.expert_field, see asyncrl/algo/expert.py)."""
+    expert_coef_end: float | None = Field(None, ge=0, le=1)
+    """μ at the last step (None: expert_coef throughout)."""
+    expert_schedule: Literal["constant", "linear", "cosine"] = "linear"
+    """How μ moves from expert_coef to expert_coef_end over run.steps."""
+    expert_token_weighting: Literal["none", "p_one_minus_p"] = "none"
+    """Weight of each expert token's NLL: 1, or CHORD-φ's p·(1 − p) (p = the policy's
+    probability of the token), which spares tokens already learnt and ones far off-policy."""
 
     @model_validator(mode="after")
     def _warn_ignored_fields(self) -> AlgorithmConfig:
@@ -237,13 +325,15 @@ class AlgorithmConfig(Section):
             "dual_clip_c": ("loss=dual_clip", self.loss == "dual_clip", "loss=dual_clip"),
             "kl_clamp": ("kl_estimator=k3 with kl_coef > 0",
                          self.kl_estimator == "k3" and self.kl_coef > 0,
-                         "kl_estimator=k3 and a kl_coef > 0"),
-            "kl_estimator": ("kl_coef > 0", self.kl_coef > 0, "a kl_coef > 0"),
+                         "kl_estimator=k3 and algorithm.kl_coef > 0"),
+            "kl_estimator": ("kl_coef > 0", self.kl_coef > 0, "kl_coef > 0"),
             "behaviour_weight_cap": ("an off_policy_correction", self.off_policy_correction
                                      != "none", "off_policy_correction=decoupled (or tis)"),
         }
+        # Changed from its default, not merely present: a resumed run's resolved config lists
+        # every field.
         for name, (applies_to, selected, fix) in needs.items():
-            if name in self.model_fields_set and not selected:
+            if getattr(self, name) != type(self).model_fields[name].default and not selected:
                 log.warning("algorithm.%s only applies to %s, so it is ignored: set "
                             "algorithm.%s, or drop algorithm.%s", name, applies_to, fix, name)
         return self
@@ -410,11 +500,17 @@ class JobConfig(Section):
         if self.reward.num_gpus and self.reward.num_workers == 0:
             raise ValueError("reward.num_gpus is for reward worker actors; set "
                              "reward.num_workers ≥ 1 (0 scores in the driver, without a GPU)")
-        if self.trainer.minibatches > self.rollout.prompts_per_step * self.rollout.n_samples:
+        if self.data.expert_field and self.trainer.pipeline_parallel_size > 1:
+            raise ValueError("data.expert_field (expert SFT term) is not supported with "
+                             "trainer.pipeline_parallel_size > 1 yet: use tensor or data "
+                             "parallelism, or drop data.expert_field")
+        smallest = self.rollout.adaptive_samples.smallest(self.rollout.n_samples)
+        if self.trainer.minibatches > self.rollout.prompts_per_step * smallest:
             raise ValueError(
                 f"trainer.minibatches ({self.trainer.minibatches}) exceeds the samples per batch"
                 f" (rollout.prompts_per_step × rollout.n_samples = "
-                f"{self.rollout.prompts_per_step * self.rollout.n_samples}): lower it"
+                f"{self.rollout.prompts_per_step * smallest}, with the smallest group "
+                "rollout.adaptive_samples allows): lower it"
             )
         return self
 

@@ -26,11 +26,13 @@ import signal
 import time
 from pathlib import Path
 
+from asyncrl.algo.expert import expert_coefficient
 from asyncrl.algo.staleness import staleness
 from asyncrl.controller.checkpoint import checkpoint_path
 from asyncrl.controller.control import ControlFile
 from asyncrl.controller.pools import Pools, batch_stats
 from asyncrl.controller.run import JobContext, RunResult
+from asyncrl.data.expert import expert_sample
 from asyncrl.errors import AsyncrlError, WorkerLost
 from asyncrl.metrics.names import RunMetrics
 from asyncrl.metrics.report import StepProgress, setup_phase, write_ledger
@@ -79,7 +81,8 @@ class Controller:
             await pools.rollout.abort_in_flight()
         for group in groups:
             pools.prompts.pop(group.prompt.prompt_id, None)
-        batch = TrainBatch.from_groups(groups, self.ctx.tokenizer.pad_token_id)
+        expert, expert_stats = self._expert_samples(groups)
+        batch = TrainBatch.from_groups(groups, self.ctx.tokenizer.pad_token_id, **expert)
         train_metrics = await pools.train(batch)
         t2 = time.perf_counter()
         sync_stats = await self._sync_weights()
@@ -95,6 +98,7 @@ class Controller:
             **batch_stats(groups, version),
             **train_metrics,
             **sync_stats,
+            **expert_stats,
             **{f"data/{k}": float(v) for k, v in data_stats.items()},
             **pools.reward.stats(),
             "time/wait_batch_s": t1 - t0,
@@ -114,6 +118,24 @@ class Controller:
             "busy/trainer": (t2 - t1) / (t3 - t0),
         }
         return record, groups
+
+    def _expert_samples(self, groups: list[Group]) -> tuple[dict, dict[str, float]]:
+        """CHORD (data.expert_field): the expert response of each trained group's prompt, and
+        this step's μ (asyncrl.algo.expert)."""
+        cfg = self.ctx.config
+        if not cfg.data.expert_field:
+            return {}, {}
+        algo = cfg.algorithm
+        step = self.pools.trainer_version // cfg.trainer.minibatches  # batches trained so far
+        mu = expert_coefficient(
+            step, cfg.run.steps, start=algo.expert_coef, schedule=algo.expert_schedule,
+            end=algo.expert_coef if algo.expert_coef_end is None else algo.expert_coef_end)
+        samples = [expert_sample(g.prompt, cfg.data.expert_field, self.ctx.tokenizer,
+                                 cfg.rollout.max_new_tokens) for g in groups]
+        found = [s for s in samples if s is not None]
+        stats = {"expert/coef": mu, "expert/samples": float(len(found)),
+                 "expert/missing": float(len(samples) - len(found))}
+        return {"expert": found, "expert_coef": mu}, stats
 
     async def _sync_weights(self) -> dict[str, float]:
         """Broadcast; if a worker died (before or during it), replace the dead ones and rebuild

@@ -23,11 +23,13 @@ from asyncrl.controller.checkpoint import (
     write_checkpoint,
 )
 from asyncrl.controller.run import JobContext
+from asyncrl.data.curriculum import Curriculum, FilterRule, SampleRule
 from asyncrl.data.manager import DataManager
 from asyncrl.errors import AsyncrlError, TrainerLost, WorkerLost
 from asyncrl.reward.pool import RewardPool, RewardWorker, pool_call_timeout
 from asyncrl.rollout.manager import RolloutManager
 from asyncrl.rollout.worker import RolloutWorker
+from asyncrl.rollout.workflow import Workflow, new_episode
 from asyncrl.sync.broadcast import WeightBroadcast, WeightSyncTimeout
 from asyncrl.train.worker import TrainerWorker
 from asyncrl.types import Group, Prompt, Sample, SamplingParams
@@ -39,16 +41,19 @@ GROUP_ATTEMPTS = 5  # tries to form the weight group while rollout workers keep 
 log = logging.getLogger(__name__)
 
 
-def new_samples(prompt: Prompt, n: int, max_new_tokens: int) -> list[Sample]:
+def new_samples(prompt: Prompt, n: int, max_new_tokens: int,
+                workflow: Workflow | None = None) -> list[Sample]:
     """The n samples of a prompt. A prompt may set its own budget: `max_new_tokens` and
     `min_new_tokens` in its metadata (e.g. JSONL fields) override rollout.max_new_tokens and
-    force lengths (benchmarks of long-tail loads). Ids are unique per attempt of the prompt."""
+    force lengths (benchmarks of long-tail loads). Ids are unique per attempt of the prompt.
+    With a workflow, each sample starts its own episode (rollout.workflow)."""
     budget = int(prompt.metadata.get("max_new_tokens", max_new_tokens))
     floor = min(int(prompt.metadata.get("min_new_tokens", 0)), budget)
     retry = f"~{prompt.attempt}" if prompt.attempt else ""
     return [
         Sample(sample_id=f"{prompt.prompt_id}/{i}{retry}", prompt_id=prompt.prompt_id,
-               prompt_ids=list(prompt.input_ids), max_new_tokens=budget, min_new_tokens=floor)
+               prompt_ids=list(prompt.input_ids), max_new_tokens=budget, min_new_tokens=floor,
+               episode=new_episode(workflow.start(prompt)) if workflow is not None else {})
         for i in range(n)
     ]
 
@@ -86,14 +91,13 @@ class Pools:
                         num_cpus=cfg.trainer.num_cpus, num_gpus=cfg.trainer.num_gpus,
                         resources=cfg.trainer.resources)
         data = spawn(DataManager, group_size=r.n_samples, max_staleness=cfg.max_staleness,
-                     drop_all_equal=cfg.data.drop_all_equal, name=f"{cfg.run.name}/data-manager",
-                     num_cpus=0)
+                     drop_all_equal=cfg.data.drop_all_equal, curriculum=_curriculum(cfg),
+                     name=f"{cfg.run.name}/data-manager", num_cpus=0)
         prompts: dict[str, Prompt] = {}
 
-        def next_prompt() -> Prompt:
-            prompt = ctx.train_prompts.next()
-            prompts[prompt.prompt_id] = prompt
-            return prompt
+        def start_prompt(prompt: Prompt, n: int) -> list[Sample]:
+            prompts[prompt.prompt_id] = prompt  # only started ones: a skipped one is never scored
+            return new_samples(prompt, n, r.max_new_tokens, ctx.workflow)
 
         reward = _reward_pool(ctx, reward_placement)
 
@@ -101,8 +105,8 @@ class Pools:
             await reward.score(samples, prompts)
 
         rollout = RolloutManager(
-            workers, data, next_prompt=next_prompt,
-            new_samples=lambda p: new_samples(p, r.n_samples, r.max_new_tokens), score=score,
+            workers, data, next_prompt=ctx.train_prompts.next, new_samples=start_prompt,
+            score=score,
             params=SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k),
             max_staleness=cfg.max_staleness, batch_groups=r.prompts_per_step,
             versions_per_batch=cfg.trainer.minibatches, oversample=r.oversample,
@@ -125,7 +129,7 @@ class Pools:
         ctx = self.ctx
         by_id = {p.prompt_id: p for p in ctx.eval_prompts}
         for attempt in range(1, GROUP_ATTEMPTS + 1):
-            samples = [new_samples(p, 1, ctx.config.rollout.max_new_tokens)[0]
+            samples = [new_samples(p, 1, ctx.config.rollout.max_new_tokens, ctx.workflow)[0]
                        for p in ctx.eval_prompts]
             workers = list(self.workers)
             shards = [samples[i :: len(workers)] for i in range(len(workers))]
@@ -416,7 +420,21 @@ def _spawn_rollout_worker(
                  num_cpus=cfg.rollout.worker_num_cpus,
                  num_gpus=cfg.rollout.worker_num_gpus, resources=cfg.rollout.worker_resources,
                  scheduling_strategy=placement.take(name) if placement else None,
-                 vllm_options=vllm)
+                 vllm_options=vllm, workflow=ctx.workflow_spec)
+
+
+def _curriculum(cfg) -> Curriculum | None:
+    """data.curriculum and rollout.adaptive_samples as the DataManager's rules (None: off)."""
+    c, a = cfg.data.curriculum, cfg.rollout.adaptive_samples
+    if not c.enabled and a.mode == "off":
+        return None
+    return Curriculum(
+        default_n=cfg.rollout.n_samples,
+        filter=FilterRule(low=c.low, high=c.high, min_samples=c.min_samples,
+                          max_skips=c.max_skips) if c.enabled else None,
+        samples=None if a.mode == "off" else SampleRule(
+            mode=a.mode, n_min=a.n_min, n_max=a.n_max, stage2_version=a.stage2_version,
+            stage2_n=a.stage2_n))
 
 
 def batch_stats(groups: list[Group], trainer_version: int) -> dict[str, float]:
@@ -429,4 +447,7 @@ def batch_stats(groups: list[Group], trainer_version: int) -> dict[str, float]:
         "rollout/response_len": sum(len(s.response_ids) for s in samples) / len(samples),
         "staleness/mean": sum(stale) / len(stale),
         "staleness/max": float(max(stale)),
+        "batch/samples": float(len(samples)),  # groups may differ in size (adaptive_samples)
+        "batch/group_size_min": float(min(len(g.samples) for g in groups)),
+        "batch/group_size_max": float(max(len(g.samples) for g in groups)),
     }

@@ -27,12 +27,14 @@ from asyncrl.data.datasets import (
     to_prompt,
     tokenize_checked,
 )
+from asyncrl.data.expert import expert_text
 from asyncrl.data.gym_task import unknown_characters
 from asyncrl.data.tasks import TASKS
 from asyncrl.errors import AsyncrlError, ConfigError, TrainerLost
 from asyncrl.metrics.report import MetricsLog, setup_phase
 from asyncrl.models.prepare import prepare_model
 from asyncrl.reward.pool import RewardSpec
+from asyncrl.rollout.workflow import Workflow, WorkflowSpec
 from asyncrl.types import Prompt
 
 log = logging.getLogger(__name__)
@@ -68,6 +70,8 @@ class JobContext:
     train_prompts: ProceduralPrompts | FilePrompts
     eval_prompts: list[Prompt]
     metrics: MetricsLog
+    workflow_spec: WorkflowSpec | None = None  # rollout.workflow, built by each worker
+    workflow: Workflow | None = None  # the driver's instance: starts each sample's episode
 
 
 def build_task(config: JobConfig) -> Any:
@@ -141,6 +145,14 @@ def prepare(config: JobConfig, *, resume: bool = False) -> JobContext:
     data = config.data
     files = {field: read_jsonl(f"data.{field}", path, data.prompt_key, data.answer_key)
              for field in ("train_file", "eval_file") if (path := getattr(data, field))}
+    probe = _probe_prompt(config, task, files)
+    workflow_spec, workflow = resolve_workflow(config, probe)
+    if config.data.expert_field and expert_text(probe, config.data.expert_field) is None:
+        source = "data.train_file's first line" if "train_file" in files else "the task"
+        raise ConfigError(
+            f"data.expert_field: {source} has no expert response in "
+            f"{config.data.expert_field!r} (prompt {probe.text!r}); set it to 'answer' or to "
+            "the JSONL field that holds the expert's answer, or drop data.expert_field")
     run_dir = _run_dir(config, resume=resume)
     dump_resolved(config, run_dir)
     seed = config.run.seed
@@ -159,8 +171,48 @@ def prepare(config: JobConfig, *, resume: bool = False) -> JobContext:
     return JobContext(
         config=config, run_dir=run_dir, model_path=model_path, task=task, tokenizer=tokenizer,
         reward=reward, train_prompts=train_prompts, eval_prompts=eval_prompts,
-        metrics=MetricsLog(run_dir / "metrics.jsonl"),
+        metrics=MetricsLog(run_dir / "metrics.jsonl"), workflow_spec=workflow_spec,
+        workflow=workflow,
     )
+
+
+def _probe_prompt(config: JobConfig, task: Any, files: dict[str, list[Prompt]]) -> Prompt:
+    """A prompt of the kind the job trains on: the train file's first, else a task example."""
+    if "train_file" in files:
+        return files["train_file"][0]
+    example = eval_examples(task, config.run.seed, 1)[0]
+    return Prompt("probe", example.prompt, [], answer=example.answer,
+                  metadata=dict(getattr(example, "metadata", None) or {}))
+
+
+def resolve_workflow(config: JobConfig, probe: Prompt) -> tuple[WorkflowSpec | None,
+                                                                 Workflow | None]:
+    """Build rollout.workflow once in the driver and start an episode on `probe` (a prompt of
+    the job's kind), so a bad path, kwargs or a task the environment cannot read fails here."""
+    r = config.rollout
+    if r.workflow is None:
+        if r.workflow_kwargs:
+            raise ConfigError("rollout.workflow_kwargs is set but rollout.workflow is not: set "
+                              "rollout.workflow, or drop rollout.workflow_kwargs")
+        return None, None
+    spec = WorkflowSpec(r.workflow, dict(r.workflow_kwargs), max_turns=r.max_turns,
+                        max_turn_tokens=r.max_turn_tokens)
+    workflow = spec()
+    try:
+        state = workflow.start(probe)
+    except Exception as exc:  # user code: any failure here is a config problem, named
+        raise ConfigError(
+            f"rollout.workflow: {r.workflow!r} cannot start an episode on a data.task "
+            f"{config.data.task!r} prompt ({probe.text!r}): {type(exc).__name__}: {exc}; "
+            "pair the workflow with a task whose prompts it reads") from None
+    if not isinstance(state, dict):
+        raise ConfigError(f"rollout.workflow: {r.workflow!r}: start(prompt) returned "
+                          f"{type(state).__name__}, not a dict (the episode's state)")
+    check = getattr(workflow, "check", None)  # e.g. python_tool runs a program in its sandbox
+    if check is not None:
+        with ThreadPoolExecutor(1) as thread:  # prepare() may run inside an event loop
+            thread.submit(lambda: asyncio.run(check())).result()
+    return spec, workflow
 
 
 def _prompt_sources(

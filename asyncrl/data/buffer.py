@@ -15,6 +15,12 @@ that would be started twice, or given a second final fate, is counted under `dup
 Every prompt has a fate too (`prompt_fates`): trained@VERSION once one of its groups was
 trained, pending while a sample or a re-queued attempt is still in play, else the reason its
 last attempt was dropped; a prompt trained twice is counted under `duplicates` as well.
+A prompt the curriculum (asyncrl.data.curriculum) skips at draw time starts no sample: its fate
+is `skipped:too_easy` or `skipped:too_hard`, and every drawn prompt is either started or
+skipped (`prompts_drawn == prompts_started + prompts_skipped`).
+
+Groups may differ in size (the curriculum's variable samples per prompt): each group keeps the
+size it was started with, and is complete when that many of its samples are finished.
 
 Staleness (asyncrl.algo.staleness) of a group = trainer version − oldest token version in it.
 A ready group older than η when a batch is taken is dropped (reason "stale") and its prompt is
@@ -29,6 +35,7 @@ from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field, replace
 
 from asyncrl.algo.staleness import staleness
+from asyncrl.data.curriculum import Curriculum
 from asyncrl.types import DropReason, FinishReason, Group, Prompt, Sample
 
 
@@ -61,9 +68,14 @@ def group_staleness(group: Group, trainer_version: int) -> int:
 
 
 class GroupBuffer:
-    def __init__(self, *, group_size: int, max_staleness: int, drop_all_equal: bool) -> None:
+    def __init__(
+        self, *, group_size: int, max_staleness: int, drop_all_equal: bool,
+        curriculum: Curriculum | None = None,
+    ) -> None:
         self.group_size, self.max_staleness = group_size, max_staleness
         self.drop_all_equal = drop_all_equal
+        self.curriculum = curriculum  # None: every prompt drawn gets group_size samples
+        self.skipped: dict[str, str] = {}  # prompt_id → skip reason (drawn, never started)
         self._groups: dict[str, _GroupState] = {}  # prompt_id → open group (not yet ready)
         self._partials: OrderedDict[str, Sample] = OrderedDict()  # sample_id → partial
         self._ready: deque[Group] = deque()
@@ -80,6 +92,20 @@ class GroupBuffer:
         self.duplicates = 0
 
     # --- intake -------------------------------------------------------------------------
+    def plan(self, prompts: list[Prompt], trainer_version: int) -> dict[str, int]:
+        """Group sizes of the drawn prompts to start; a prompt left out is skipped (its fate
+        is recorded here, so it is accounted although it starts no sample)."""
+        if self.curriculum is None:
+            return {p.prompt_id: self.group_size for p in prompts}
+        sizes = {}
+        for prompt in prompts:
+            plan = self.curriculum.plan(prompt, trainer_version)
+            if plan.skip is None:
+                sizes[prompt.prompt_id] = plan.n
+            else:
+                self.skipped[prompt.prompt_id] = plan.skip
+        return sizes
+
     def start_group(self, prompt: Prompt, samples: list[Sample]) -> None:
         """A new group was dispatched (its samples are now in flight)."""
         self._groups[prompt.prompt_id] = _GroupState(prompt, len(samples))
@@ -112,6 +138,10 @@ class GroupBuffer:
 
     def _complete(self, state: _GroupState) -> None:
         group = Group(state.prompt, list(state.finished.values()))
+        if self.curriculum is not None:  # every scored group, kept or dropped, is evidence
+            newest = max((v for s in group.samples for v in s.token_versions), default=0)
+            self.curriculum.record(group.prompt, [s.reward for s in group.samples
+                                                  if s.reward is not None], newest)
         decision = filter_group(group, drop_all_equal=self.drop_all_equal)
         if decision.keep:
             self._ready.append(group)
@@ -223,7 +253,7 @@ class GroupBuffer:
     def prompt_fates(self) -> dict[str, str]:
         """Every prompt's fate (module docstring), from its samples' fates."""
         requeued = {p.prompt_id for p in self._requeued}
-        out = {}
+        out = {prompt_id: f"skipped:{reason}" for prompt_id, reason in self.skipped.items()}
         for prompt_id, sample_ids in self._samples_of.items():
             fates = [self.fates[i] for i in sample_ids]
             trained = [f for f in fates if f.startswith("trained@")]
@@ -238,14 +268,15 @@ class GroupBuffer:
     def ledger_entries(self) -> list[dict]:
         """The ledger, a row per prompt: its fate and each of its sample ids' fates."""
         return [{"prompt_id": prompt_id, "fate": fate,
-                 "samples": {i: self.fates[i] for i in self._samples_of[prompt_id]}}
+                 "samples": {i: self.fates[i] for i in self._samples_of.get(prompt_id, ())}}
                 for prompt_id, fate in sorted(self.prompt_fates().items())]
 
     def prompt_counts(self) -> dict[str, int]:
         kinds = Counter(f.partition("@")[0].partition(":")[0]
                         for f in self.prompt_fates().values())
         return {"prompts_started": len(self._samples_of),
-                **{f"prompts_{k}": kinds.get(k, 0) for k in ("trained", "pending", "dropped")}}
+                **{f"prompts_{k}": kinds.get(k, 0)
+                   for k in ("trained", "pending", "dropped", "skipped")}}
 
     def fate_counts(self) -> dict[str, int]:
         """The ledger recounted from the per-id fates: must equal `ledger()`'s counters."""
@@ -269,6 +300,8 @@ class GroupBuffer:
             "fresh_ids": next(self._fresh_ids),
             "fates": dict(self.fates), "duplicates": self.duplicates,
             "samples_of": {k: list(v) for k, v in self._samples_of.items()},
+            "skipped": dict(self.skipped),
+            "curriculum": None if self.curriculum is None else self.curriculum.state_dict(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -285,3 +318,6 @@ class GroupBuffer:
         self._fresh_ids = itertools.count(state["fresh_ids"])
         self.fates, self.duplicates = dict(state["fates"]), state["duplicates"]
         self._samples_of = {k: list(v) for k, v in state["samples_of"].items()}
+        self.skipped = dict(state.get("skipped", {}))  # absent in checkpoints before curricula
+        if self.curriculum is not None and state.get("curriculum") is not None:
+            self.curriculum.load_state_dict(state["curriculum"])

@@ -14,13 +14,18 @@ from __future__ import annotations
 import asyncio
 
 from asyncrl.data.buffer import GroupBuffer
+from asyncrl.data.curriculum import Curriculum
 from asyncrl.types import Group, Prompt, Sample
 
 
 class DataManager:
-    def __init__(self, *, group_size: int, max_staleness: int, drop_all_equal: bool) -> None:
+    def __init__(
+        self, *, group_size: int, max_staleness: int, drop_all_equal: bool,
+        curriculum: Curriculum | None = None,
+    ) -> None:
         self._buffer = GroupBuffer(
-            group_size=group_size, max_staleness=max_staleness, drop_all_equal=drop_all_equal
+            group_size=group_size, max_staleness=max_staleness, drop_all_equal=drop_all_equal,
+            curriculum=curriculum,
         )
         self._changed = asyncio.Condition()
         self._epoch = 0  # bumped on every change, so a waiter never misses one (see wait_changed)
@@ -42,6 +47,11 @@ class DataManager:
         while len(requeued) < free and (prompt := self._buffer.take_requeued()) is not None:
             requeued.append(prompt)
         return partials, requeued, max(free - len(requeued), 0), self._epoch
+
+    async def plan(self, prompts: list[Prompt], trainer_version: int) -> dict[str, int]:
+        """prompt_id → group size for the drawn prompts to start; the others were skipped by
+        the curriculum (and accounted as skipped). Without a curriculum: every one, n each."""
+        return self._buffer.plan(prompts, trainer_version)
 
     async def start_groups(self, groups: list[tuple[Prompt, list[Sample]]]) -> None:
         for prompt, samples in groups:
@@ -83,10 +93,12 @@ class DataManager:
             await self._changed.wait_for(lambda: self._epoch > since_epoch)
             return self._epoch
 
-    async def stats(self) -> dict[str, int]:
+    async def stats(self) -> dict[str, float]:
         b = self._buffer
+        curriculum = {} if b.curriculum is None else b.curriculum.summary()
         return {"ready_groups": b.ready_groups, "active_groups": b.active_groups,
-                "partial_samples": b.partial_count, **b.ledger(), **b.prompt_counts()}
+                "partial_samples": b.partial_count, **b.ledger(), **b.prompt_counts(),
+                **curriculum}
 
     async def ledger_entries(self) -> list[dict]:
         """A row per prompt: its fate and its sample ids' (pending, trained@V, dropped:R)."""

@@ -29,6 +29,7 @@ import random
 from dataclasses import dataclass
 from typing import Literal
 
+from asyncrl.data.guess_task import GuessNumber
 from asyncrl.data.gym_task import GymTask
 from asyncrl.types import Reward
 
@@ -114,4 +115,4 @@ class Addition:
 
 
 TASKS: dict[str, type] = {SortDigits.name: SortDigits, Addition.name: Addition,
-                         GymTask.name: GymTask}
+                         GymTask.name: GymTask, GuessNumber.name: GuessNumber}

@@ -1,7 +1,9 @@
 """RolloutManager: admits prompts under the staleness gate and dispatches them to workers.
 
 Order of work: partials (interrupted answers) first, then prompts re-queued after a drop, then
-fresh prompts. Each group goes, whole, to the worker with the fewest samples in flight.
+fresh prompts. Each group goes, whole, to the worker with the fewest samples in flight. The
+DataManager plans each drawn prompt (`plan`): its group size, or a skip by the curriculum, which
+takes no slot, so the next round draws another prompt in its place.
 
 Staleness gate (active-slot form; it holds no history, so it is exact after a resume):
 
@@ -54,7 +56,7 @@ class RolloutManager:
         data: Any,
         *,
         next_prompt: Callable[[], Prompt],
-        new_samples: Callable[[Prompt], list[Sample]],
+        new_samples: Callable[[Prompt, int], list[Sample]],
         score: Callable[[list[Sample]], Awaitable[None]],
         params: SamplingParams,
         max_staleness: int,
@@ -100,26 +102,34 @@ class RolloutManager:
     # --- the producer loop -----------------------------------------------------------------
     async def run(self) -> None:
         """Admit and dispatch until `request_stop()`. It stops only between rounds: a round
-        takes prompts from the DataManager and the dataset, so cut short it would lose them."""
-        self._stopping = False
-        while not self._stopping:
-            if not self._workers:  # all lost: wait for a replacement (add_worker wakes us)
-                await self._wake.wait()
-                self._wake.clear()
-                continue
-            window, extra = self.capacity()
-            partials, requeued, free, epoch = await self._data.poll(
-                self.trainer_version, window, extra=extra, batch_groups=self._batch_groups)
-            for samples in partials:
+        takes prompts from the DataManager and the dataset, so cut short it would lose them.
+        A stop requested before this task first ran still counts (the flag is reset on exit)."""
+        try:
+            while not self._stopping:
+                await self._round()
+        finally:
+            self._stopping = False
+
+    async def _round(self) -> None:
+        if not self._workers:  # all lost: wait for a replacement (add_worker wakes us)
+            await self._wake.wait()
+            self._wake.clear()
+            return
+        window, extra = self.capacity()
+        partials, requeued, free, epoch = await self._data.poll(
+            self.trainer_version, window, extra=extra, batch_groups=self._batch_groups)
+        for samples in partials:
+            self._dispatch(samples)
+        prompts = requeued + [self._next_prompt() for _ in range(free)]
+        sizes = await self._data.plan(prompts, self.trainer_version) if prompts else {}
+        groups = [(p, self._new_samples(p, sizes[p.prompt_id]))
+                  for p in prompts if p.prompt_id in sizes]
+        if groups:
+            await self._data.start_groups(groups)
+            for _, samples in groups:
                 self._dispatch(samples)
-            prompts = requeued + [self._next_prompt() for _ in range(free)]
-            groups = [(p, self._new_samples(p)) for p in prompts]
-            if groups:
-                await self._data.start_groups(groups)
-                for _, samples in groups:
-                    self._dispatch(samples)
-            if not (partials or groups):
-                await self._wait_for_change(epoch)
+        if not (partials or prompts):  # skipped prompts left their slots free: draw again
+            await self._wait_for_change(epoch)
 
     def request_stop(self) -> None:
         self._stopping = True

@@ -22,6 +22,7 @@ import torch
 from asyncrl.algo import advantages as adv_lib
 from asyncrl.algo import kl as kl_lib
 from asyncrl.algo.aggregate import aggregate
+from asyncrl.algo.expert import expert_sft_loss
 from asyncrl.algo.losses import POLICY_LOSSES, behaviour_weights
 from asyncrl.config.job import AlgorithmConfig
 from asyncrl.types import TrainBatch
@@ -66,6 +67,8 @@ class PolicyObjective:
         if ref_logprobs is not None:
             tensors["ref_logprobs"] = ref_logprobs
         mask = batch.loss_mask
+        if batch.expert_rows is not None:  # no behaviour logprobs there: not a mismatch
+            mask = mask & ~batch.expert_rows[:, None]
         mismatch = ((old_logprobs - batch.rollout_logprobs).abs() * mask).sum()
         return tensors, {"train/mismatch_abs": float(mismatch / mask.sum().clamp(min=1))}
 
@@ -150,10 +153,47 @@ class PolicyObjective:
             Share-weighted sums of the loss and its metrics (`train/<name>`); summed over the
             parts of a minibatch they are the minibatch's means.
         """
+        whole = rows if minibatch_rows is None else minibatch_rows
+        expert = batch.expert_rows
+        if expert is None:
+            return self._accumulate_policy(batch, tensors, rows, whole, micro_batch_size,
+                                           forward, scale=1.0)
+        # CHORD (asyncrl.algo.expert): each term over its own rows, with its own shares, so
+        # the sum is exactly (1 − μ)·L_RL + μ·L_SFT of the minibatch.
+        mu = batch.expert_coef
+        sums = self._accumulate_policy(batch, tensors, rows[~expert[rows]],
+                                       whole[~expert[whole]], micro_batch_size, forward,
+                                       scale=1.0 - mu)
+        if mu > 0:
+            sums |= self._accumulate_expert(batch, rows[expert[rows]], whole[expert[whole]],
+                                            micro_batch_size, forward, scale=mu)
+        return sums
+
+    def _accumulate_policy(self, batch, tensors, rows, whole, micro_batch_size, forward, *,
+                           scale: float) -> dict[str, float]:
         sums: dict[str, float] = {}
-        for mb_rows, share in self.micro_batches(batch, rows, micro_batch_size, minibatch_rows):
+        for mb_rows, share in self.micro_batches(batch, rows, micro_batch_size, whole):
             logprobs, entropy = forward(batch.take(mb_rows), with_entropy=self.with_entropy)
-            self.share_loss(batch, mb_rows, share, tensors, logprobs, entropy, sums).backward()
+            loss = self.share_loss(batch, mb_rows, share, tensors, logprobs, entropy, sums)
+            (loss * scale).backward()
+        return sums
+
+    def _accumulate_expert(self, batch, rows, whole, micro_batch_size, forward, *,
+                           scale: float) -> dict[str, float]:
+        """The SFT term: token-mean of φ·NLL over the minibatch's expert tokens."""
+        total = int(batch.loss_mask[whole].sum().clamp(min=1))
+        sums = {"train/expert_loss": 0.0, "train/expert_nll": 0.0}
+        for mb_rows in rows.split(micro_batch_size):
+            share = int(batch.loss_mask[mb_rows].sum()) / total
+            if share == 0:
+                continue
+            logprobs, _ = forward(batch.take(mb_rows), with_entropy=False)
+            mask = batch.loss_mask[mb_rows, : logprobs.shape[1]].to(logprobs.device)
+            per_token, nll = expert_sft_loss(logprobs, mask, self.algo.expert_token_weighting)
+            loss = aggregate(per_token, mask, "token-mean")
+            (loss * share * scale).backward()
+            sums["train/expert_loss"] += float(loss.detach()) * share
+            sums["train/expert_nll"] += float(nll) * share
         return sums
 
 

@@ -66,10 +66,10 @@ def _manager(model_dir, eta: int, **kwargs) -> tuple[RolloutManager, LocalRef]:
         i = next(counter)
         return Prompt(f"p{i}", f"sort:{i}=", tokenizer(f"sort:{i}=").input_ids, answer="0")
 
-    def new_samples(p: Prompt) -> list[Sample]:
+    def new_samples(p: Prompt, n: int) -> list[Sample]:
         return [Sample(sample_id=f"{p.prompt_id}/{k}", prompt_id=p.prompt_id,
                        prompt_ids=p.input_ids, max_new_tokens=kwargs.get("max_new_tokens", 6))
-                for k in range(N)]
+                for k in range(n)]
 
     async def score(samples: list[Sample]) -> None:  # the job's reward hook: length parity
         for s in samples:
@@ -131,4 +131,22 @@ async def test_aborted_answers_come_back_as_partials_and_resume_from_their_token
     for sid in resumed:
         assert trained[sid].response_ids[: len(before[sid])] == before[sid]
         assert trained[sid].is_finished
+    assert (await data.stats())["balance"] == 0
+
+
+async def test_a_stop_requested_before_the_producer_first_runs_still_stops_it(model_dir):
+    """A checkpoint restarts the producer right before the run's end stops it: that stop must
+    not be lost (the loop used to reset the flag on entry and then admit forever)."""
+    manager, data = _manager(model_dir, 0)
+    for _ in range(2):  # the flag is reset on exit, so the manager can run and stop again
+        producer = asyncio.create_task(manager.run())
+        manager.request_stop()
+        await asyncio.wait_for(producer, 10)
+    producer = asyncio.create_task(manager.run())
+    await asyncio.sleep(0.5)
+    assert not producer.done()  # with no stop requested it keeps admitting
+    manager.request_stop()
+    await asyncio.wait_for(producer, 30)
+    await manager.abort_in_flight()
+    await manager.drain()
     assert (await data.stats())["balance"] == 0

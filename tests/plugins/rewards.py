@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+import zlib
 
 from asyncrl.types import Prompt, Reward
 
@@ -76,3 +77,11 @@ def three_args(prompt: Prompt, response: str, extra: int) -> float:
 
 
 NOT_CALLABLE = 0.5
+
+
+def by_level(prompt: Prompt, response: str) -> Reward:
+    """A difficulty set by the prompt's metadata['level']: 'easy' is always solved, 'hard'
+    never, 'mid' by a checksum bit of the response (so a mid group's answers differ)."""
+    level = prompt.metadata["level"]
+    solved = level == "easy" or (level == "mid" and zlib.crc32(response.encode()) % 2 == 1)
+    return Reward(value=float(solved), correct=solved)

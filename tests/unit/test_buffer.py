@@ -205,7 +205,8 @@ def test_every_prompt_gets_one_fate_and_a_prompt_trained_twice_is_a_duplicate():
                    "samples": {"p0/0": "dropped:stale", "p0/1": "dropped:stale",
                                "p0/0~1": "trained@2", "p0/1~1": "trained@2"}}
     assert buf.prompt_counts() == {"prompts_started": 3, "prompts_trained": 2,
-                                   "prompts_pending": 0, "prompts_dropped": 1}
+                                   "prompts_pending": 0, "prompts_dropped": 1,
+                                   "prompts_skipped": 0}
     _balanced(buf)
     # A bug that started a trained prompt again and trained it: counted, not hidden.
     again = _samples(good, 2)

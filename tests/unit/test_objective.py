@@ -187,3 +187,11 @@ def test_fields_of_selected_options_are_not_reported(caplog):
                            "algorithm.kl_coef=0.1", "algorithm.kl_clamp=5",
                            "algorithm.normalize_std=false"])
     assert "ignored" not in caplog.text
+
+
+def test_a_resolved_config_with_every_field_listed_reports_nothing(caplog):
+    # a resumed run reads config.resolved.yaml, where every field is set (to its default)
+    resolved = AlgorithmConfig().model_dump()
+    with caplog.at_level(logging.WARNING, logger="asyncrl.config.job"):
+        AlgorithmConfig(**resolved)
+    assert "ignored" not in caplog.text

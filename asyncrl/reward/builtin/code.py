@@ -39,9 +39,14 @@ log = logging.getLogger(__name__)
 _FENCE = re.compile(r"```[ \t]*(?:python3?|py)?[ \t]*\n(.*?)```", re.DOTALL | re.IGNORECASE)
 
 
+def fenced_blocks(response: str) -> list[str]:
+    """The fenced code blocks of `response` (```python ... ``` or ``` ... ```), in order."""
+    return _FENCE.findall(response)
+
+
 def extract_code(response: str) -> str:
     """The last fenced code block of `response`, or all of it when there is none."""
-    blocks = _FENCE.findall(response)
+    blocks = fenced_blocks(response)
     return blocks[-1] if blocks else response
 
 
