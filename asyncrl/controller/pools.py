@@ -102,7 +102,10 @@ class Pools:
         reward = _reward_pool(ctx, reward_placement)
 
         async def score(samples: list[Sample]) -> None:
-            await reward.score(samples, prompts)
+            for s in samples:  # an episode whose environment raised is not scored
+                if "error" in s.episode:
+                    s.reward = reward.failed(f"workflow: {s.episode['error']}")
+            await reward.score([s for s in samples if "error" not in s.episode], prompts)
 
         rollout = RolloutManager(
             workers, data, next_prompt=ctx.train_prompts.next, new_samples=start_prompt,

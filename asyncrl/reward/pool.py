@@ -178,6 +178,11 @@ class RewardPool:
             **{f"reward/failures/{k}": float(v) for k, v in sorted(self.failures.items())},
         }
 
+    def failed(self, error: str) -> Reward:
+        """A failure found before scoring (e.g. a workflow error): counted by the reason
+        before its first ':' and handled by reward.on_failure like any failed reward."""
+        return self._apply_policy(Reward.failed(error))
+
     def _apply_policy(self, reward: Reward) -> Reward:
         self.scored += 1
         if reward.ok:

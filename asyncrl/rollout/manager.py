@@ -76,6 +76,7 @@ class RolloutManager:
         self.trainer_version = 0
         self._wake = asyncio.Event()
         self._stopping = False
+        self._failure: Exception | None = None  # a request's unexpected error, raised by run()
         self._tasks: dict[asyncio.Task, str] = {}  # request → the worker it went to
         self._busy_since: dict[str, float] = {}  # worker → when its load last left 0
         self.busy_s = 0.0  # Σ over workers of time with at least one request in flight
@@ -111,6 +112,8 @@ class RolloutManager:
             self._stopping = False
 
     async def _round(self) -> None:
+        if self._failure is not None:
+            raise self._failure
         if not self._workers:  # all lost: wait for a replacement (add_worker wakes us)
             await self._wake.wait()
             self._wake.clear()
@@ -170,6 +173,17 @@ class RolloutManager:
         return self.busy_s + sum(now - t for t in self._busy_since.values())
 
     async def _request(self, name: str, samples: list[Sample]) -> None:
+        """Generate, score and store one group's request. A lost worker's samples are
+        re-queued; any other error (a bug: retrying would repeat it) stops the producer with
+        it, so the run fails at once, naming it, instead of waiting out run.batch_timeout_s."""
+        try:
+            await self._generate_score_put(name, samples)
+        except Exception as exc:
+            log.error("a request to %s failed: %s: %s", name, type(exc).__name__, exc)
+            self._failure = self._failure or exc
+            self._wake.set()
+
+    async def _generate_score_put(self, name: str, samples: list[Sample]) -> None:
         before = sum(len(s.response_ids) for s in samples)
         try:
             out = await asyncio.wait_for(self._workers[name].generate(samples, self._params),

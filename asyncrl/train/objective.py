@@ -48,7 +48,13 @@ class PolicyObjective:
         kwargs = {}
         if self.algo.advantage == "grpo":
             kwargs["normalize_std"] = self.algo.normalize_std
-        per_seq = estimator(batch.rewards, batch.group_ids, **kwargs)
+        if batch.expert_rows is None:
+            per_seq = estimator(batch.rewards, batch.group_ids, **kwargs)
+        else:  # expert rows stay out of the statistics (reinforce_pp's batch std, say): 0
+            policy = ~batch.expert_rows
+            per_seq = torch.zeros_like(batch.rewards)
+            per_seq[policy] = estimator(batch.rewards[policy], batch.group_ids[policy],
+                                        **kwargs)
         return adv_lib.expand_to_tokens(per_seq, batch.loss_mask)
 
     def step_tensors(

@@ -150,3 +150,15 @@ async def test_a_stop_requested_before_the_producer_first_runs_still_stops_it(mo
     await manager.abort_in_flight()
     await manager.drain()
     assert (await data.stats())["balance"] == 0
+
+
+async def test_an_unexpected_request_error_stops_the_producer_with_that_error(model_dir):
+    """Not a lost worker (whose samples are re-queued) but a bug, here a token id the model
+    does not have: retrying would repeat it, so the producer raises it at once."""
+    manager, data = _manager(model_dir, 0)
+    draws = iter(range(10**6))
+    manager._next_prompt = lambda: Prompt(f"bad-{next(draws)}", "?", [10**6], answer="0")
+    producer = asyncio.create_task(manager.run())
+    with pytest.raises(IndexError):
+        await asyncio.wait_for(producer, 30)
+    await manager.drain()

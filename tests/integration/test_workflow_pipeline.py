@@ -55,3 +55,31 @@ async def test_a_workflow_run_trains_model_tokens_only_and_balances_its_ledger(
     for row, s in enumerate(s for g in groups for s in g.samples):
         p = len(s.prompt_ids)
         assert batch.loss_mask[row, p : p + len(s.response_ids)].tolist() == s.model_token_mask()
+
+
+async def test_an_environment_that_raises_fails_its_samples_rewards_not_the_run(
+    ray_local, tmp_path
+):
+    config = load_config(None, [
+        "run.name=flaky", f"run.output_dir={tmp_path}", "run.seed=2",
+        "model.warm_start.steps=20", "data.eval_size=8", "data.task=guess_number",
+        "rollout.workflow=tests.plugins.workflows:FlakyGuess", "rollout.max_turns=4",
+        "rollout.max_turn_tokens=4", "rollout.max_new_tokens=20", "rollout.prompts_per_step=4",
+        "rollout.n_samples=2", "rollout.worker_num_cpus=0.25", "trainer.num_cpus=0.5",
+        "mode=async", "max_staleness=1",
+    ])
+    controller = Controller(await Pools.start(prepare(config)))
+    pools = controller.pools
+    try:
+        controller.start_producer()
+        records = [(await controller.step())[0] for _ in range(3)]
+        await controller.stop_producer()
+        await pools.rollout.abort_in_flight()
+        await pools.rollout.drain()
+        ledger = await pools.data.stats()
+    finally:
+        pools.close()
+    last = records[-1]
+    assert last["reward/failures/workflow"] > 0  # counted by reason, as reward failures are
+    assert ledger["dropped/reward_failed"] > 0  # their groups dropped, never scored as 0
+    assert ledger["balance"] == 0 and ledger["trained"] == 3 * 4 * 2, ledger

@@ -208,3 +208,42 @@ async def test_an_episode_aborted_before_its_first_turn_comes_back_empty_and_res
         await reference_worker.close()
         await worker.close()
     _assert_same_episodes(samples, reference)
+
+
+async def test_an_episode_aborted_in_turn_two_resumes_under_new_weights_with_honest_versions(
+    model_dir, tokenizer
+):
+    # APRIL's real sequence: abort in turn 2, the trainer's new weights arrive (version 1),
+    # the episode resumes. Versions never decrease along the response; the resumed tokens
+    # carry version 1; environment tokens stay masked with their turn's version.
+    worker = RolloutWorker(str(model_dir), "cpu", seed=0, workflow=GUESS)
+    try:
+        samples = _episodes(tokenizer, GUESS)
+        request = asyncio.create_task(worker.generate(samples, PARAMS))
+        await _until(lambda: any(s.episode["turns"] >= 1
+                                 and len(s.response_ids) > s.episode["turn_start"]
+                                 for s in samples))
+        await worker.abort(None)
+        await request
+        in_turn_two = [s for s in samples if s.finish_reason is FinishReason.ABORT
+                       and len(s.response_ids) > s.episode["turn_start"] > 0]
+        assert in_turn_two, "the abort must catch an episode inside its second turn"
+        before = {s.sample_id: len(s.response_ids) for s in in_turn_two}
+        weights = await worker.engine_weights()
+        await worker._engine.update_weights(weights.items(), 1)  # as receive_weights does
+        await worker.generate(in_turn_two, PARAMS)
+    finally:
+        await worker.close()
+    for s in in_turn_two:
+        assert s.is_finished
+        versions, mask = s.token_versions, s.model_token_mask()
+        assert versions == sorted(versions), versions
+        cut = before[s.sample_id]
+        assert set(versions[:cut]) == {0} and set(versions[cut:]) <= {1}
+        for is_model, start, end in _runs(mask):
+            if not is_model:  # an observation: not trained, logprob 0, its turn's version
+                assert all(lp == 0.0 for lp in s.rollout_logprobs[start:end])
+                assert set(versions[start:end]) == {versions[start - 1]}
+        batch = as_batch([s], tokenizer.pad_token_id)
+        p = len(s.prompt_ids)
+        assert batch.loss_mask[0, p : p + len(mask)].tolist() == mask

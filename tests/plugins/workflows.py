@@ -43,3 +43,22 @@ class NeedsAnswer:
 
     def step(self, turn: str, state: dict[str, Any]) -> Step:
         return Step(done=True)
+
+
+class FlakyGuess:
+    """The guessing game, except that its tool raises on the second turn of episodes whose
+    secret is even (a bug in a user's environment, hit by some samples only)."""
+
+    def __init__(self) -> None:
+        from asyncrl.rollout.workflow.guess_number import GuessNumberEnv
+
+        self._game = GuessNumberEnv()
+
+    def start(self, prompt: Prompt) -> dict[str, Any]:
+        return {**self._game.start(prompt), "turn": 0}
+
+    def step(self, turn: str, state: dict[str, Any]) -> Step:
+        state["turn"] += 1
+        if state["turn"] == 2 and state["secret"] % 2 == 0:
+            raise RuntimeError("the tool exploded")
+        return self._game.step(turn, state)

@@ -143,3 +143,26 @@ def test_the_statistics_and_skips_survive_a_checkpoint():
     assert restored.prompt_fates()["train-2"] == "skipped:too_easy"
     assert restored.plan([_prompt(3, "easy")], 0) == {}  # still known too easy after resume
     assert restored.plan([_prompt(4, "easy")], 0) == {"train-4": 2}  # max_skips reached
+
+
+def test_once_its_statistics_are_known_no_prompt_outside_the_band_is_emitted():
+    """A stream of draws over 30 examples of known pass rates: every emitted prompt whose
+    pass rate is trusted lies in [low, high], except the re-checks max_skips allows (none
+    with a max_skips beyond the stream's length)."""
+    import random
+
+    rule = FilterRule(low=0.25, high=0.75, min_samples=4, max_skips=10**6)
+    c = Curriculum(default_n=4, filter=rule)
+    rates = {f"q{i}": i / 29 for i in range(30)}
+    for text, rate in rates.items():  # each example seen once: 8 answers at its pass rate
+        c.record(_prompt(-1, text), [Reward(float(k < round(8 * rate))) for k in range(8)], 0)
+    rng, emitted, skipped = random.Random(0), [], 0
+    for draw in range(2000):
+        text = rng.choice(list(rates))
+        plan = c.plan(_prompt(draw, text), 1)
+        if plan.skip is None:
+            emitted.append(c.stats[prompt_key(_prompt(draw, text))].pass_rate)
+        else:
+            skipped += 1
+    assert emitted and skipped
+    assert all(0.25 <= rate <= 0.75 for rate in emitted), sorted(set(emitted))

@@ -85,6 +85,16 @@ def test_expert_samples_follow_their_group_with_no_behaviour_and_no_advantage():
     assert batch.take(torch.tensor([2, 3])).expert_rows.tolist() == [True, False]
 
 
+@pytest.mark.parametrize("advantage", ["grpo", "rloo", "reinforce_pp"])
+def test_expert_rows_do_not_move_the_policy_rows_advantages(advantage):
+    # reinforce_pp's batch std would shrink if the expert rows' zeros counted
+    objective = PolicyObjective(AlgorithmConfig(advantage=advantage), max_new_tokens=8)
+    mixed, plain = _batch(0.3), _batch(0.3, with_expert=False)
+    policy = ~mixed.expert_rows
+    width = plain.input_ids.shape[1]
+    assert_close(objective.advantages(mixed)[policy][:, :width], objective.advantages(plain))
+
+
 def _accumulated_grad(batch: TrainBatch, theta: torch.Tensor, micro_batch_size: int,
                       weighting: str) -> tuple[torch.Tensor, dict]:
     """Gradient of the objective's accumulation, with a 'model' whose logprobs are `theta`."""

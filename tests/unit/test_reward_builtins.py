@@ -27,7 +27,12 @@ from asyncrl.reward import (
 )
 from asyncrl.reward.builtin import gym as gym_reward
 from asyncrl.reward.builtin.code import extract_code, prompt_tests
-from asyncrl.reward.builtin.transforms import FormatPenalty, LengthPenalty, OverlongPenalty
+from asyncrl.reward.builtin.transforms import (
+    FormatPenalty,
+    LengthPenalty,
+    OverlongPenalty,
+    TruncationPenalty,
+)
 from asyncrl.types import Prompt, Reward, RewardStatus
 
 
@@ -143,6 +148,26 @@ def test_overlong_penalty_follows_dapo(length, value):
     # L_max = 20, L_cache = 5: no penalty to 15, then (15 - L) / 5, then -1 past 20
     out = OverlongPenalty(max_length=20, cache=5).apply(_prompt(), "x" * length, Reward(1.0))
     assert out.value == pytest.approx(value)
+
+
+@pytest.mark.parametrize("length, value", [(7, 1.0), (8, 1.0), (9, 0.0), (50, 0.0)])
+def test_truncation_penalty_zeroes_only_answers_past_the_limit(length, value):
+    out = TruncationPenalty(max_length=8).apply(_prompt(), "x" * length,
+                                                Reward(1.0, correct=True))
+    assert out.value == value and out.correct is True  # accuracy stays the task's verdict
+    assert TruncationPenalty(max_length=8, value=-1).apply(
+        _prompt(), "x" * 9, Reward(1.0)).value == -1.0
+
+
+def test_truncation_penalty_counts_tokens_with_a_tokenizer(tmp_path):
+    from tests.helpers import save_tiny_model
+
+    model = save_tiny_model(tmp_path / "tiny")
+    cut = TruncationPenalty(max_length=3, unit="tokens", tokenizer=str(model))
+    assert cut.apply(_prompt(), "123", Reward(1.0)).value == 1.0  # one token per character
+    assert cut.apply(_prompt(), "1234", Reward(1.0)).value == 0.0
+    with pytest.raises(ValueError, match="value: must be a finite number"):
+        TruncationPenalty(max_length=3, value=float("nan"))
 
 
 def test_format_penalty_subtracts_or_zeroes_on_a_miss():

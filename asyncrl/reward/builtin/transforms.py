@@ -24,6 +24,11 @@ Formulas (L is the response length in `unit`s, r the reward value before the tra
   (`chars` by default, `tokens` with a tokenizer), and filtering is the DataManager's business.
 - `format_penalty` (a regex that the response must match, `re.search` unless `fullmatch`):
   on a miss, mode `subtract`: r' = r - penalty; mode `zero`: r' = 0. On a match r' = r.
+- `truncation_penalty` (DLER's truncation penalty, Liu et al. 2025, "Doing Length pEnalty
+  Right"): r' = value (default 0) for L > max_length, else r' = r. A hard cut-off, where
+  DAPO's overlong penalty ramps. To zero the answers the engine cut at rollout.max_new_tokens,
+  use `unit: tokens` and max_length = max_new_tokens − 1. DLER pairs it with batch-wise reward
+  normalisation: that is `algorithm.advantage=reinforce_pp` (group-centred, batch std).
 """
 
 from __future__ import annotations
@@ -147,10 +152,29 @@ class FormatPenalty:
         return _with_value(reward, 0.0 if self.mode == "zero" else reward.value - self.penalty)
 
 
+class TruncationPenalty:
+    """DLER's truncation penalty: a response longer than `max_length` gets reward `value`."""
+
+    def __init__(self, max_length: int, value: float = 0.0,
+                 unit: Literal["chars", "tokens"] = "chars", tokenizer: str | None = None) -> None:
+        self.max_length = _positive("max_length", max_length)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(
+                value):
+            raise ValueError(f"value: must be a finite number (got {value!r})")
+        self.value = float(value)
+        self._length = _Length(unit, tokenizer)
+
+    def apply(self, prompt: Prompt, response: str, reward: Reward) -> Reward:
+        if not reward.ok or self._length(response) <= self.max_length:
+            return reward
+        return _with_value(reward, self.value)
+
+
 TRANSFORMS: dict[str, type] = {
     "length_penalty": LengthPenalty,
     "overlong_penalty": OverlongPenalty,
     "format_penalty": FormatPenalty,
+    "truncation_penalty": TruncationPenalty,
 }
 
 

@@ -264,14 +264,18 @@ class CpuEngine:
         active = self._batch.rows if self._batch is not None else []
         room = max(self._max_batch - len(active), 0)
         new, self._queue = self._queue[:room], self._queue[room:]
-        if self._stale and active:
-            self._batch = self._prefill(active + new)
-        elif new:
-            fresh = self._prefill(new)
-            if self._batch is None:
-                self._batch = fresh
-            else:
-                self._batch.extend(fresh)
+        try:
+            if self._stale and active:
+                self._batch = self._prefill(active + new)
+            elif new:
+                fresh = self._prefill(new)
+                if self._batch is None:
+                    self._batch = fresh
+                else:
+                    self._batch.extend(fresh)
+        except BaseException:  # back in the queue, so the loop's exit fails their waiters
+            self._queue = new + self._queue
+            raise
         self._stale = False
 
     @torch.no_grad()

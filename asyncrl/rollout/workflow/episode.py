@@ -9,8 +9,11 @@ Budgets: `Sample.max_new_tokens` counts model and environment tokens together (t
 grows with both); an observation that does not fit is cut, and the episode ends LENGTH.
 
 Ends (`episode["end"]`): "done" (the workflow said so) and "max_turns" finish STOP;
-"max_new_tokens" finishes LENGTH. The environment steps on every model turn, also the last,
-but an observation is appended only when another model turn follows it.
+"max_new_tokens" finishes LENGTH; "error" (the workflow's step raised, `episode["error"]`
+says what) finishes STOP, and the sample's reward then fails with reason "workflow" (its
+group is dropped as reward_failed, or scored by reward.on_failure) instead of the run.
+The environment steps on every model turn, also the last, but an observation is appended only
+when another model turn follows it.
 
 Abort/resume: `episode["turn_start"]` is where the current (or next) model turn starts and
 `episode["turns"]` how many are done, so an episode interrupted mid-turn (the engine returns it
@@ -60,12 +63,16 @@ async def run_episode(
         if sample.finish_reason is FinishReason.ABORT:
             return sample  # resumed mid-turn later: turn_start still marks this turn
         episode["turns"] += 1
-        step = workflow.step(decode(sample.response_ids[start:]), episode["state"])
-        if inspect.isawaitable(step):
-            step = await step
-        if not isinstance(step, Step):
-            raise TypeError(f"rollout.workflow: step() returned {type(step).__name__}, not a "
-                            "Step (asyncrl.rollout.workflow.Step)")
+        try:
+            step = workflow.step(decode(sample.response_ids[start:]), episode["state"])
+            if inspect.isawaitable(step):
+                step = await step
+            if not isinstance(step, Step):
+                raise TypeError(f"step() returned {type(step).__name__}, not a Step "
+                                "(asyncrl.rollout.workflow.Step)")
+        except Exception as exc:  # user code: this episode fails (its reward too), not the run
+            episode["error"] = f"{type(exc).__name__}: {exc}"
+            return _end(sample, "error", FinishReason.STOP)
         if step.done:
             return _end(sample, "done", FinishReason.STOP)
         if episode["turns"] >= spec.max_turns:
