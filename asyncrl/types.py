@@ -10,6 +10,7 @@ predicted from tokens `< t`; position 0 is never a response token, so it is alwa
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -143,6 +144,18 @@ class Sample:
     def model_token_mask(self) -> list[bool]:
         """One bool per response token: True for a model token (trained)."""
         return self.response_mask + [True] * (len(self.response_ids) - len(self.response_mask))
+
+
+def new_episode(state: dict[str, Any]) -> dict[str, Any]:
+    """`Sample.episode` of a fresh sample: no turn done, the next model turn starts at 0; the
+    environment's initial state is kept (`initial`) so the episode can be started over."""
+    return {"turns": 0, "turn_start": 0, "state": state, "initial": copy.deepcopy(state)}
+
+
+def restart_episode(episode: dict[str, Any]) -> dict[str, Any]:
+    """The episode of a sample that replaces one (a stale partial): from its first turn again;
+    {} for a single-turn sample."""
+    return new_episode(copy.deepcopy(episode["initial"])) if episode else {}
 
 
 @dataclass(slots=True)

@@ -10,8 +10,9 @@ already predicts and the ones it finds very unlikely, so expert data that is far
 does not swamp exploration. Expert samples have no behaviour logprobs: they never enter the RL
 term (no importance weight, no advantage), only this one.
 
-Each term is normalised over its own tokens, so μ = 0 is exactly the RL loss and μ = 1 exactly
-the (weighted) SFT loss, whatever the two token counts.
+Each term is normalised over its own rows (the RL term by the configured aggregation over the
+policy's samples, the SFT term token-mean over the expert tokens), so μ = 0 is exactly the RL
+loss and μ = 1 exactly the (weighted) SFT loss, whatever the two token counts.
 """
 
 from __future__ import annotations

@@ -32,20 +32,22 @@ class PoolPlacement:
         self._free: list[tuple[PlacementGroup, int]] = []
         self._held: dict[str, tuple[PlacementGroup, int]] = {}  # worker name → its bundle
 
-    async def reserve(self, count: int) -> None:
-        """Make sure `count` bundles are free, reserving the missing ones as one group."""
+    async def reserve(self, count: int, timeout_s: float | None = None) -> None:
+        """Make sure `count` bundles are free, reserving the missing ones as one group, within
+        `timeout_s` (default run.placement_timeout_s)."""
         missing = count - len(self._free)
         if missing <= 0:
             return
+        timeout_s = self._timeout_s if timeout_s is None else timeout_s
         group = placement_group([dict(self._bundle)] * missing, strategy=self._strategy,
                                 name=f"{self._name}-{len(self._groups)}")
         try:
-            await asyncio.wait_for(group.ready(), self._timeout_s)
+            await asyncio.wait_for(group.ready(), timeout_s)
         except TimeoutError:
             remove_placement_group(group)
             raise AsyncrlError(
                 f"{self._field}={self._strategy}: {missing} bundle(s) of {self._bundle} could "
-                f"not be placed within run.placement_timeout_s={self._timeout_s}s; the cluster "
+                f"not be placed within {timeout_s:g}s (run.placement_timeout_s); the cluster "
                 f"has {ray.available_resources()} free. Add nodes, lower the pool's resources, "
                 f"or use a looser strategy (PACK/SPREAD place on one node if they must)"
             ) from None

@@ -29,14 +29,15 @@ from asyncrl.errors import AsyncrlError, TrainerLost, WorkerLost
 from asyncrl.reward.pool import RewardPool, RewardWorker, pool_call_timeout
 from asyncrl.rollout.manager import RolloutManager
 from asyncrl.rollout.worker import RolloutWorker
-from asyncrl.rollout.workflow import Workflow, new_episode
+from asyncrl.rollout.workflow import Workflow
 from asyncrl.sync.broadcast import WeightBroadcast, WeightSyncTimeout
 from asyncrl.train.worker import TrainerWorker
-from asyncrl.types import Group, Prompt, Sample, SamplingParams
+from asyncrl.types import Group, Prompt, Sample, SamplingParams, new_episode
 
 GREEDY = SamplingParams(temperature=0.0)
 WORKER_PING_TIMEOUT_S = 30.0  # a live worker answers a version query between decoding steps
 GROUP_ATTEMPTS = 5  # tries to form the weight group while rollout workers keep dying
+SCALE_UP_PLACEMENT_S = 30.0  # a scale-up's bundle must be placed quickly, or it is skipped
 
 log = logging.getLogger(__name__)
 
@@ -82,10 +83,15 @@ class Pools:
         model_path = str(ctx.model_path)
         rollout_placement, reward_placement = _placements(ctx)
         placements = [p for p in (rollout_placement, reward_placement) if p is not None]
-        if rollout_placement is not None:
-            await rollout_placement.reserve(r.num_workers)
-        if reward_placement is not None:
-            await reward_placement.reserve(cfg.reward.num_workers)
+        try:
+            if rollout_placement is not None:
+                await rollout_placement.reserve(r.num_workers)
+            if reward_placement is not None:
+                await reward_placement.reserve(cfg.reward.num_workers)
+        except BaseException:  # one pool could not be placed: release the other's reservation
+            for placement in placements:
+                placement.close()
+            raise
         workers = [_spawn_rollout_worker(ctx, i, rollout_placement) for i in range(r.num_workers)]
         trainer = spawn(TrainerWorker, model_path, cfg, name=f"{cfg.run.name}/trainer-rank-0",
                         num_cpus=cfg.trainer.num_cpus, num_gpus=cfg.trainer.num_gpus,
@@ -219,8 +225,8 @@ class Pools:
 
     async def add_worker(self) -> ActorRef:
         """A worker joining a running job gets the current weights before its first request."""
-        if self._rollout_placement is not None:
-            await self._rollout_placement.reserve(1)
+        if self._rollout_placement is not None:  # the trainer waits meanwhile: briefly
+            await self._rollout_placement.reserve(1, timeout_s=SCALE_UP_PLACEMENT_S)
         worker = self._spawn_worker()
         self.workers.append(worker)
         self._joining.append(worker)
@@ -234,8 +240,14 @@ class Pools:
         if target < 1:
             raise AsyncrlError(f"rollout workers: need at least 1 (asked for {target})")
         change = target - len(self.workers)
-        for _ in range(change):
-            await self.add_worker()
+        for added in range(change):
+            try:
+                await self.add_worker()
+            except AsyncrlError as exc:  # the cluster is full: keep training with what fits
+                log.warning("scaling the rollout pool up stopped at %d workers: %s",
+                            len(self.workers), exc)
+                change = added
+                break
         if change < 0:
             leaving = self.workers[change:]
             for worker in leaving:

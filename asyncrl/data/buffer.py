@@ -16,8 +16,8 @@ Every prompt has a fate too (`prompt_fates`): trained@VERSION once one of its gr
 trained, pending while a sample or a re-queued attempt is still in play, else the reason its
 last attempt was dropped; a prompt trained twice is counted under `duplicates` as well.
 A prompt the curriculum (asyncrl.data.curriculum) skips at draw time starts no sample: its fate
-is `skipped:too_easy` or `skipped:too_hard`, and every drawn prompt is either started or
-skipped (`prompts_drawn == prompts_started + prompts_skipped`).
+is `skipped:too_easy` or `skipped:too_hard`: every prompt the DataManager planned is either
+started or skipped (`prompts_started + prompts_skipped` of them).
 
 Groups may differ in size (the curriculum's variable samples per prompt): each group keeps the
 size it was started with, and is complete when that many of its samples are finished.
@@ -36,7 +36,7 @@ from dataclasses import dataclass, field, replace
 
 from asyncrl.algo.staleness import staleness
 from asyncrl.data.curriculum import Curriculum
-from asyncrl.types import DropReason, FinishReason, Group, Prompt, Sample
+from asyncrl.types import DropReason, FinishReason, Group, Prompt, Sample, restart_episode
 
 
 @dataclass
@@ -186,7 +186,7 @@ class GroupBuffer:
         fresh = Sample(
             sample_id=f"{s.sample_id.split('#')[0]}#{next(self._fresh_ids)}", prompt_id=s.prompt_id,
             prompt_ids=s.prompt_ids, max_new_tokens=s.max_new_tokens,
-            min_new_tokens=s.min_new_tokens,
+            min_new_tokens=s.min_new_tokens, episode=restart_episode(s.episode),
         )
         self._begin(fresh)
         return fresh
@@ -317,7 +317,8 @@ class GroupBuffer:
         self.dropped = dict(state["dropped"])
         self._fresh_ids = itertools.count(state["fresh_ids"])
         self.fates, self.duplicates = dict(state["fates"]), state["duplicates"]
-        self._samples_of = {k: list(v) for k, v in state["samples_of"].items()}
+        # absent in checkpoints written before the prompt ledger: it starts from here then
+        self._samples_of = {k: list(v) for k, v in state.get("samples_of", {}).items()}
         self.skipped = dict(state.get("skipped", {}))  # absent in checkpoints before curricula
         if self.curriculum is not None and state.get("curriculum") is not None:
             self.curriculum.load_state_dict(state["curriculum"])

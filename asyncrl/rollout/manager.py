@@ -186,7 +186,10 @@ class RolloutManager:
     async def _generate_score_put(self, name: str, samples: list[Sample]) -> None:
         before = sum(len(s.response_ids) for s in samples)
         try:
-            out = await asyncio.wait_for(self._workers[name].generate(samples, self._params),
+            worker = self._workers.get(name)
+            if worker is None:  # removed (lost) between dispatch and now
+                raise WorkerLost(f"{name} left the pool before its request started")
+            out = await asyncio.wait_for(worker.generate(samples, self._params),
                                          self._request_timeout_s)
         except (WorkerLost, TimeoutError) as exc:
             # A worker that does not answer in time is handled like a dead one: the controller

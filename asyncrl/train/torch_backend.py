@@ -79,7 +79,8 @@ class TorchBackend:
         ref_logprobs = self.logprobs(batch, model=self._ref) if self._ref is not None else None
         tensors, metrics = self._objective.step_tensors(batch, old_logprobs, ref_logprobs)
         rows = torch.arange(batch.size)
-        for minibatch in rows.chunk(self._cfg.minibatches):
+        # tensor_split, not chunk: chunk can give fewer parts (6 rows into 4 → 3)
+        for minibatch in rows.tensor_split(self._cfg.minibatches):
             metrics |= self._optimizer_step(batch, tensors, minibatch)
         return metrics
 

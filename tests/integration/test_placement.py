@@ -75,8 +75,34 @@ async def test_a_layout_the_cluster_cannot_place_fails_naming_the_field(ray_loca
         await Pools.start(prepare(config))
     message = str(error.value)
     assert "rollout.placement=STRICT_SPREAD" in message
-    assert "run.placement_timeout_s=3" in message and "Add nodes" in message
+    assert "within 3s (run.placement_timeout_s)" in message and "Add nodes" in message
     states = [g["state"] for g in ray.util.placement_group_table().values()
               if g["name"].startswith("spread/")]
     assert states and set(states) == {"REMOVED"}  # nothing left reserved
     assert not [a for a in ray.util.list_named_actors() if a.startswith("spread/")]
+
+
+async def test_a_scale_up_the_cluster_cannot_place_is_skipped_and_training_goes_on(
+    ray_local, tmp_path, monkeypatch, caplog
+):
+    import logging
+
+    import asyncrl.controller.pools as pools_module
+
+    monkeypatch.setattr(pools_module, "SCALE_UP_PLACEMENT_S", 2.0)
+    # 2 × 0.75 CPUs of rollout workers + the trainer's 0.5: the 2-CPU cluster is full
+    config = _config(tmp_path, "full", "mode=async", "rollout.num_workers=2",
+                     "rollout.worker_num_cpus=0.75", "rollout.placement=PACK",
+                     "reward.num_workers=0")
+    controller = Controller(await Pools.start(prepare(config)))
+    pools = controller.pools
+    try:
+        controller.start_producer()
+        with caplog.at_level(logging.WARNING, logger="asyncrl.controller.pools"):
+            assert await pools.scale_rollout(3) == 0
+        assert "scaling the rollout pool up stopped at 2 workers" in caplog.text
+        assert len(pools.workers) == 2 and pools._rollout_placement.bundles == 2
+        await controller.step()  # the run goes on with the workers it has
+    finally:
+        await controller.stop_producer()
+        pools.close()

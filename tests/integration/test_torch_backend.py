@@ -74,10 +74,12 @@ def test_every_loss_and_advantage_trains_from_config(model_dir, loss, advantage)
     assert any(not torch.equal(t, before[k]) for k, t in backend.named_weights())
 
 
-def test_minibatches_each_bump_the_version(model_dir):
-    backend = _backend(model_dir, minibatches=3)
-    backend.step(_batch(model_dir))
-    assert backend.policy_version == 3
+@pytest.mark.parametrize("groups, n, minibatches", [(3, 4, 3), (3, 2, 4), (5, 3, 4)])
+def test_minibatches_each_bump_the_version(model_dir, groups, n, minibatches):
+    # 6 rows into 4 minibatches, 15 into 4: chunk() would make only 3 (the version would lag)
+    backend = _backend(model_dir, minibatches=minibatches)
+    backend.step(_batch(model_dir, groups, n))
+    assert backend.policy_version == minibatches
 
 
 def test_save_and_load_continue_the_same_trajectory(model_dir, tmp_path):

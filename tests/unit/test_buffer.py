@@ -129,6 +129,25 @@ def test_partials_are_resumed_and_hopeless_ones_replaced_by_fresh_samples():
     _balanced(buf)
 
 
+def test_a_stale_multi_turn_partial_is_replaced_by_a_fresh_episode_of_the_same_game():
+    from asyncrl.types import new_episode
+
+    buf = GroupBuffer(group_size=1, max_staleness=0, drop_all_equal=False)
+    p = _prompt(0)
+    (s,) = _samples(p, 1)
+    s.episode = new_episode({"secret": 7, "guesses": []})
+    buf.start_group(p, [s])
+    s.episode["state"]["guesses"].append(3)  # mid-episode: a turn done, its state moved on
+    s.episode["turns"], s.episode["turn_start"] = 1, 2
+    buf.add([_abort(s, 0, tokens=3)])
+    (fresh,) = buf.take_partials(trainer_version=1)[0]
+    assert fresh.sample_id == "p0/0#0" and fresh.response_ids == []
+    # still an episode (not a single-turn answer), from its first turn and initial state
+    assert fresh.episode == new_episode({"secret": 7, "guesses": []})
+    fresh.episode["state"]["guesses"].append(1)
+    assert fresh.episode["initial"] == {"secret": 7, "guesses": []}  # a copy, not shared
+
+
 def test_lost_worker_samples_go_back_to_the_pool():
     buf = GroupBuffer(group_size=2, max_staleness=0, drop_all_equal=False)
     p = _prompt(0)

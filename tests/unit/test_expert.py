@@ -96,10 +96,13 @@ def test_expert_rows_do_not_move_the_policy_rows_advantages(advantage):
 
 
 def _accumulated_grad(batch: TrainBatch, theta: torch.Tensor, micro_batch_size: int,
-                      weighting: str) -> tuple[torch.Tensor, dict]:
-    """Gradient of the objective's accumulation, with a 'model' whose logprobs are `theta`."""
-    objective = PolicyObjective(AlgorithmConfig(expert_token_weighting=weighting),
-                                max_new_tokens=8)
+                      weighting: str, aggregation: str = "token-mean",
+                      parts: int = 1) -> tuple[torch.Tensor, dict]:
+    """Gradient of the objective's accumulation, with a 'model' whose logprobs are `theta`;
+    `parts` > 1 accumulates the rows in that many parts of one minibatch, as data-parallel
+    ranks do (each with minibatch_rows = the whole)."""
+    objective = PolicyObjective(AlgorithmConfig(expert_token_weighting=weighting,
+                                                aggregation=aggregation), max_new_tokens=8)
     old = theta.detach() - 0.2
     tensors, _ = objective.step_tensors(batch, old, None)
     index = {sid: i for i, sid in enumerate(batch.sample_ids)}
@@ -109,22 +112,31 @@ def _accumulated_grad(batch: TrainBatch, theta: torch.Tensor, micro_batch_size: 
         return theta[rows, : mb.input_ids.shape[1]], None
 
     theta.grad = None
-    sums = objective.accumulate(batch, tensors, torch.arange(batch.size),
-                                micro_batch_size=micro_batch_size, forward=forward)
+    whole = torch.arange(batch.size)
+    for part in whole.tensor_split(parts):
+        sums = objective.accumulate(batch, tensors, part, micro_batch_size=micro_batch_size,
+                                    forward=forward, minibatch_rows=whole)
     return theta.grad.clone(), sums
 
 
+AGGREGATIONS = ["token-mean", "seq-mean-token-sum", "seq-mean-token-mean",
+                "seq-mean-token-sum-norm"]
+
+
+@pytest.mark.parametrize("aggregation", AGGREGATIONS)
 @pytest.mark.parametrize("weighting", ["none", "p_one_minus_p"])
-def test_accumulation_is_exactly_the_mixture_of_the_two_normalised_terms(weighting):
+def test_accumulation_is_exactly_the_mixture_of_the_two_normalised_terms(weighting, aggregation):
     batch, mu = _batch(0.3), 0.3
     theta = (-torch.rand(batch.size, batch.input_ids.shape[1],
                          generator=torch.Generator().manual_seed(0)) - 0.1).requires_grad_()
-    grad_1, sums = _accumulated_grad(batch, theta, 1, weighting)
-    grad_all, _ = _accumulated_grad(batch, theta, 64, weighting)
+    grad_1, sums = _accumulated_grad(batch, theta, 1, weighting, aggregation)
+    grad_all, _ = _accumulated_grad(batch, theta, 64, weighting, aggregation)
+    grad_ranks, _ = _accumulated_grad(batch, theta, 2, weighting, aggregation, parts=2)
     assert_close(grad_1, grad_all)  # micro-batching does not change the gradient
+    assert_close(grad_ranks, grad_all)  # nor does splitting the minibatch over ranks
 
-    objective = PolicyObjective(AlgorithmConfig(expert_token_weighting=weighting),
-                                max_new_tokens=8)
+    objective = PolicyObjective(AlgorithmConfig(expert_token_weighting=weighting,
+                                                aggregation=aggregation), max_new_tokens=8)
     tensors, _ = objective.step_tensors(batch, theta.detach() - 0.2, None)
     policy, expert = ~batch.expert_rows, batch.expert_rows
     rl, _ = objective.micro_loss(theta[policy], None, batch.loss_mask[policy],

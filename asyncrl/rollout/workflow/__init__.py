@@ -117,8 +117,3 @@ class WorkflowSpec:
 
     def __call__(self) -> Workflow:
         return build_workflow(self.spec, self.kwargs)
-
-
-def new_episode(state: dict[str, Any]) -> dict[str, Any]:
-    """`Sample.episode` of a fresh sample: no turn done, the next model turn starts at 0."""
-    return {"turns": 0, "turn_start": 0, "state": state}

@@ -134,7 +134,8 @@ class MegatronRank:
         old_logprobs = self.logprobs(batch)
         ref_logprobs = self.logprobs(batch, self._ref) if self._ref is not None else None
         tensors, metrics = self._objective.step_tensors(batch, old_logprobs, ref_logprobs)
-        for minibatch in torch.arange(batch.size).chunk(self._cfg.minibatches):
+        # tensor_split, not chunk: chunk can give fewer parts (6 rows into 4 → 3)
+        for minibatch in torch.arange(batch.size).tensor_split(self._cfg.minibatches):
             metrics |= self._optimizer_step(batch, tensors, minibatch)
         return metrics
 
