@@ -16,17 +16,23 @@ from asyncrl.types import TrainBatch
 pytestmark = pytest.mark.timeout(300)
 
 
+def _guess_config(tmp_path, name: str, *overrides: str):
+    """A short async guessing-game job (multi-turn) on the built-in tiny model."""
+    return load_config(None, [
+        f"run.name={name}", f"run.output_dir={tmp_path}", "model.warm_start.steps=20",
+        "data.eval_size=8", "data.task=guess_number", "rollout.max_turns=4",
+        "rollout.max_turn_tokens=4", "rollout.max_new_tokens=20", "rollout.prompts_per_step=4",
+        "rollout.worker_num_cpus=0.25", "trainer.num_cpus=0.5", "mode=async",
+        "max_staleness=1", *overrides,
+    ])
+
+
 async def test_a_workflow_run_trains_model_tokens_only_and_balances_its_ledger(
     ray_local, tmp_path
 ):
-    config = load_config(None, [
-        "run.name=guess", f"run.output_dir={tmp_path}", "run.seed=1",
-        "model.warm_start.steps=20", "data.eval_size=8", "data.task=guess_number",
-        "rollout.workflow=guess_number", "rollout.max_turns=4", "rollout.max_turn_tokens=4",
-        "rollout.max_new_tokens=20", "rollout.prompts_per_step=4", "rollout.n_samples=4",
-        "rollout.worker_num_cpus=0.25", "rollout.num_workers=2", "trainer.num_cpus=0.5",
-        "mode=async", "max_staleness=1", "rollout.partial=true", "rollout.oversample=2",
-    ])
+    config = _guess_config(tmp_path, "guess", "run.seed=1", "rollout.workflow=guess_number",
+                           "rollout.n_samples=4", "rollout.num_workers=2",
+                           "rollout.partial=true", "rollout.oversample=2")
     controller = Controller(await Pools.start(prepare(config)))
     pools = controller.pools
     trained = []
@@ -60,14 +66,9 @@ async def test_a_workflow_run_trains_model_tokens_only_and_balances_its_ledger(
 async def test_an_environment_that_raises_fails_its_samples_rewards_not_the_run(
     ray_local, tmp_path
 ):
-    config = load_config(None, [
-        "run.name=flaky", f"run.output_dir={tmp_path}", "run.seed=2",
-        "model.warm_start.steps=20", "data.eval_size=8", "data.task=guess_number",
-        "rollout.workflow=tests.plugins.workflows:FlakyGuess", "rollout.max_turns=4",
-        "rollout.max_turn_tokens=4", "rollout.max_new_tokens=20", "rollout.prompts_per_step=4",
-        "rollout.n_samples=2", "rollout.worker_num_cpus=0.25", "trainer.num_cpus=0.5",
-        "mode=async", "max_staleness=1",
-    ])
+    config = _guess_config(tmp_path, "flaky", "run.seed=2",
+                           "rollout.workflow=tests.plugins.workflows:FlakyGuess",
+                           "rollout.n_samples=2")
     controller = Controller(await Pools.start(prepare(config)))
     pools = controller.pools
     try:

@@ -181,7 +181,9 @@ def test_state_round_trip_keeps_every_sample_once_and_in_flight_becomes_partial(
     _balanced(restored)
 
 
-def test_every_sample_id_gets_exactly_one_fate_and_a_requeued_prompt_new_ids():
+def _stale_equal_good() -> tuple[GroupBuffer, tuple[Prompt, Prompt, Prompt]]:
+    """Three complete groups at η = 0 with dynamic sampling: p0 generated at version 0 (stale
+    at 1), p1 with equal rewards (dropped), p2 fresh and mixed (trainable)."""
     buf = GroupBuffer(group_size=2, max_staleness=0, drop_all_equal=True)
     stale, equal, good = (_prompt(i) for i in range(3))
     for p, rewards in [(stale, (1.0, 0.0)), (equal, (1.0, 1.0)), (good, (1.0, 0.0))]:
@@ -189,6 +191,11 @@ def test_every_sample_id_gets_exactly_one_fate_and_a_requeued_prompt_new_ids():
         buf.start_group(p, samples)
         version = 0 if p is stale else 1
         buf.add([_finish(s, version, r) for s, r in zip(samples, rewards, strict=True)])
+    return buf, (stale, equal, good)
+
+
+def test_every_sample_id_gets_exactly_one_fate_and_a_requeued_prompt_new_ids():
+    buf, (stale, equal, good) = _stale_equal_good()
     assert buf.pop_batch(1, trainer_version=1)[0].prompt is good
     retry = buf.take_requeued()
     assert retry.prompt_id == "p0" and retry.attempt == 1
@@ -201,13 +208,7 @@ def test_every_sample_id_gets_exactly_one_fate_and_a_requeued_prompt_new_ids():
 
 
 def test_every_prompt_gets_one_fate_and_a_prompt_trained_twice_is_a_duplicate():
-    buf = GroupBuffer(group_size=2, max_staleness=0, drop_all_equal=True)
-    stale, equal, good = (_prompt(i) for i in range(3))
-    for p, rewards in [(stale, (1.0, 0.0)), (equal, (1.0, 1.0)), (good, (1.0, 0.0))]:
-        samples = _samples(p, 2)
-        buf.start_group(p, samples)
-        version = 0 if p is stale else 1
-        buf.add([_finish(s, version, r) for s, r in zip(samples, rewards, strict=True)])
+    buf, (stale, equal, good) = _stale_equal_good()
     buf.pop_batch(1, trainer_version=1)
     # p0 was dropped as stale but re-queued: still pending, not dropped.
     assert buf.prompt_fates() == {"p0": "pending", "p1": "dropped:all_equal_reward",
