@@ -352,6 +352,9 @@ class TrainerConfig(Section):
     """GPUs Ray reserves for the trainer actor (1 with device 'cuda')."""
     resources: dict[str, float] = {}
     """Custom Ray resources the trainer needs (places it on its own nodes)."""
+    placement: Placement | None = None
+    """As rollout.placement, for the trainer (one bundle: its resources reserved before it
+    starts; a restarted trainer gets a new one)."""
     call_timeout_s: float = Field(1800.0, gt=0)
     """Longest one trainer call (a training step, a weight broadcast) may take; past it the
     trainer counts as hung and the job restarts from its newest checkpoint."""

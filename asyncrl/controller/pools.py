@@ -81,21 +81,26 @@ class Pools:
     async def start(cls, ctx: JobContext) -> Pools:
         cfg, r = ctx.config, ctx.config.rollout
         model_path = str(ctx.model_path)
-        rollout_placement, reward_placement = _placements(ctx)
-        placements = [p for p in (rollout_placement, reward_placement) if p is not None]
+        placed = _placements(ctx)
+        rollout_placement, reward_placement = placed["rollout"], placed["reward"]
+        trainer_placement = placed["trainer"]
+        sizes = {"rollout": r.num_workers, "reward": cfg.reward.num_workers, "trainer": 1}
+        placements = [p for p in placed.values() if p is not None]
         try:
-            if rollout_placement is not None:
-                await rollout_placement.reserve(r.num_workers)
-            if reward_placement is not None:
-                await reward_placement.reserve(cfg.reward.num_workers)
-        except BaseException:  # one pool could not be placed: release the other's reservation
+            for pool, placement in placed.items():
+                if placement is not None:
+                    await placement.reserve(sizes[pool])
+        except BaseException:  # one pool could not be placed: release the others' reservations
             for placement in placements:
                 placement.close()
             raise
         workers = [_spawn_rollout_worker(ctx, i, rollout_placement) for i in range(r.num_workers)]
-        trainer = spawn(TrainerWorker, model_path, cfg, name=f"{cfg.run.name}/trainer-rank-0",
+        trainer_name = f"{cfg.run.name}/trainer-rank-0"
+        trainer = spawn(TrainerWorker, model_path, cfg, name=trainer_name,
                         num_cpus=cfg.trainer.num_cpus, num_gpus=cfg.trainer.num_gpus,
-                        resources=cfg.trainer.resources)
+                        resources=cfg.trainer.resources,
+                        scheduling_strategy=trainer_placement.take(trainer_name)
+                        if trainer_placement else None)
         data = spawn(DataManager, group_size=r.n_samples, max_staleness=cfg.max_staleness,
                      drop_all_equal=cfg.data.drop_all_equal, curriculum=_curriculum(cfg),
                      name=f"{cfg.run.name}/data-manager", num_cpus=0)
@@ -376,22 +381,18 @@ async def _on_trainer(call, timeout_s: float):
         raise TrainerLost(f"no answer within trainer.call_timeout_s={timeout_s}s") from None
 
 
-def _placements(ctx: JobContext) -> tuple[PoolPlacement | None, PoolPlacement | None]:
-    """The rollout and reward pools' placement groups, where their config asks for one."""
+def _placements(ctx: JobContext) -> dict[str, PoolPlacement | None]:
+    """Each pool's placement group (rollout, reward, trainer), where its config asks for one."""
     cfg = ctx.config
-    r, rw = cfg.rollout, cfg.reward
-    timeout = cfg.run.placement_timeout_s
-    rollout = reward = None
-    if r.placement:
-        rollout = PoolPlacement(
-            "rollout.placement", bundle_of(r.worker_num_cpus, r.worker_num_gpus,
-                                           r.worker_resources),
-            r.placement, name=f"{cfg.run.name}/rollout", ready_timeout_s=timeout)
-    if rw.placement:
-        reward = PoolPlacement(
-            "reward.placement", bundle_of(rw.num_cpus, rw.num_gpus, rw.resources),
-            rw.placement, name=f"{cfg.run.name}/reward", ready_timeout_s=timeout)
-    return rollout, reward
+    r, rw, t = cfg.rollout, cfg.reward, cfg.trainer
+    pools = {"rollout": (r.placement, bundle_of(r.worker_num_cpus, r.worker_num_gpus,
+                                                r.worker_resources)),
+             "reward": (rw.placement, bundle_of(rw.num_cpus, rw.num_gpus, rw.resources)),
+             "trainer": (t.placement, bundle_of(t.num_cpus, t.num_gpus, t.resources))}
+    return {pool: PoolPlacement(f"{pool}.placement", bundle, strategy,
+                                name=f"{cfg.run.name}/{pool}",
+                                ready_timeout_s=cfg.run.placement_timeout_s)
+            if strategy else None for pool, (strategy, bundle) in pools.items()}
 
 
 def _reward_pool(ctx: JobContext, placement: PoolPlacement | None) -> RewardPool:

@@ -37,14 +37,17 @@ async def test_pools_run_in_their_placement_groups_and_successors_reuse_the_bund
 
     config = _config(tmp_path, "placed", "mode=async", "rollout.num_workers=2",
                      "rollout.placement=STRICT_PACK", "reward.num_workers=1",
-                     "reward.num_cpus=0.25", "reward.placement=PACK")
+                     "reward.num_cpus=0.25", "reward.placement=PACK",
+                     "trainer.placement=STRICT_PACK")
     controller = Controller(await Pools.start(prepare(config)))
     pools = controller.pools
     try:
         rollout_groups = await _groups_of(pools.workers)
         (reward_group,) = await _groups_of(pools.reward.workers)
+        (trainer_group,) = await _groups_of([pools.trainer])
         assert None not in rollout_groups and len(set(rollout_groups)) == 1
-        assert reward_group is not None and reward_group != rollout_groups[0]
+        assert None not in (reward_group, trainer_group)
+        assert len({rollout_groups[0], reward_group, trainer_group}) == 3  # one per pool
         controller.start_producer()
         await controller.step()  # the pipeline trains with placed pools
 
@@ -62,7 +65,8 @@ async def test_pools_run_in_their_placement_groups_and_successors_reuse_the_bund
         await controller.stop_producer()
         pools.close()
     table = ray.util.placement_group_table()
-    assert {table[g]["state"] for g in {*rollout_groups, *grown, reward_group}} == {"REMOVED"}
+    groups = {*rollout_groups, *grown, reward_group, trainer_group}
+    assert {table[g]["state"] for g in groups} == {"REMOVED"}
 
 
 async def test_a_layout_the_cluster_cannot_place_fails_naming_the_field(ray_local, tmp_path):
