@@ -79,8 +79,11 @@ class Controller:
         t1 = time.perf_counter()
         if cfg.rollout.partial:
             await pools.rollout.abort_in_flight()
-        for group in groups:
-            pools.prompts.pop(group.prompt.prompt_id, None)
+        # The driver's prompts (for rewards) are only those still in play: trained, or
+        # dropped for good by a filter, a prompt is never scored again.
+        finished = await pools.data.take_finished_prompts()
+        for prompt_id in [g.prompt.prompt_id for g in groups] + finished:
+            pools.prompts.pop(prompt_id, None)
         expert, expert_stats = self._expert_samples(groups)
         batch = TrainBatch.from_groups(groups, self.ctx.tokenizer.pad_token_id, **expert)
         train_metrics = await pools.train(batch)

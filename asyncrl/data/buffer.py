@@ -89,6 +89,7 @@ class GroupBuffer:
         self.dropped: dict[str, int] = {}
         self.fates: dict[str, str] = {}  # sample_id → pending | trained@V | dropped:REASON
         self._samples_of: dict[str, list[str]] = {}  # prompt_id → every sample id it started
+        self._finished_prompts: list[str] = []  # dropped for good since take_finished_prompts
         self.duplicates = 0
 
     # --- intake -------------------------------------------------------------------------
@@ -147,6 +148,7 @@ class GroupBuffer:
             self._ready.append(group)
         else:
             self._drop(group.samples, decision.reason)
+            self._finished_prompts.append(group.prompt.prompt_id)  # filtered: not re-queued
 
     def _drop(self, samples: list[Sample], reason: str) -> None:
         self.dropped[reason] = self.dropped.get(reason, 0) + len(samples)
@@ -190,6 +192,12 @@ class GroupBuffer:
         )
         self._begin(fresh)
         return fresh
+
+    def take_finished_prompts(self) -> list[str]:
+        """Prompts dropped for good (by a filter) since the last call: nothing will ask for
+        them again, so the driver can forget them (trained ones it forgets itself)."""
+        finished, self._finished_prompts = self._finished_prompts, []
+        return finished
 
     def take_requeued(self) -> Prompt | None:
         return self._requeued.popleft() if self._requeued else None
@@ -300,6 +308,7 @@ class GroupBuffer:
             "fresh_ids": next(self._fresh_ids),
             "fates": dict(self.fates), "duplicates": self.duplicates,
             "samples_of": {k: list(v) for k, v in self._samples_of.items()},
+            "finished_prompts": list(self._finished_prompts),
             "skipped": dict(self.skipped),
             "curriculum": None if self.curriculum is None else self.curriculum.state_dict(),
         }
@@ -319,6 +328,7 @@ class GroupBuffer:
         self.fates, self.duplicates = dict(state["fates"]), state["duplicates"]
         # absent in checkpoints written before the prompt ledger: it starts from here then
         self._samples_of = {k: list(v) for k, v in state.get("samples_of", {}).items()}
+        self._finished_prompts = list(state.get("finished_prompts", []))
         self.skipped = dict(state.get("skipped", {}))  # absent in checkpoints before curricula
         if self.curriculum is not None and state.get("curriculum") is not None:
             self.curriculum.load_state_dict(state["curriculum"])

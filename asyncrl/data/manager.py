@@ -78,6 +78,9 @@ class DataManager:
 
         return await asyncio.wait_for(ready(), timeout_s)
 
+    async def take_finished_prompts(self) -> list[str]:
+        return self._buffer.take_finished_prompts()
+
     async def release_batch(self, n_groups: int) -> None:
         self._buffer.release_batch(n_groups)
         await self._notify()

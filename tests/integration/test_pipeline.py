@@ -192,3 +192,21 @@ async def test_a_killed_rollout_worker_is_replaced_and_no_sample_is_lost(
         controller.pools.close()
     assert ledger["balance"] == 0 and ledger["trained"] == len(trained) == 6 * 16
     assert max(staleness(s.token_versions, v) for s, v in trained) <= 1
+
+
+async def test_the_driver_forgets_prompts_once_trained_or_dropped_for_good(ray_local, tmp_path):
+    """Groups dropped by a filter (here failed rewards) never come back; the driver's prompt
+    table (kept for rewards, and saved in every checkpoint) must not grow with them."""
+    controller = await _start(_config(
+        tmp_path, "forget", "mode=sync", "rollout.num_workers=1", "reward.num_workers=0",
+        "reward.fn=tests.plugins.rewards:crash_on_every_third_prompt"))
+    try:
+        await _train(controller, 3)
+        ledger = await _ledger_after_drain(controller)
+        rows = await controller.pools.data.ledger_entries()
+    finally:
+        await controller.stop_producer()
+        controller.pools.close()
+    assert ledger["dropped/reward_failed"] > 0  # groups were dropped for good
+    in_play = {r["prompt_id"] for r in rows if r["fate"] == "pending"}
+    assert set(controller.pools.prompts) <= in_play

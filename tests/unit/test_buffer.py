@@ -238,6 +238,14 @@ def test_every_prompt_gets_one_fate_and_a_prompt_trained_twice_is_a_duplicate():
     assert buf.ledger()["duplicates"] == 1
 
 
+def test_only_prompts_dropped_for_good_are_reported_finished_once():
+    buf, (stale, equal, good) = _stale_equal_good()
+    buf.pop_batch(1, trainer_version=1)  # p0 stale (re-queued), p1 filtered, p2 trained
+    assert buf.take_finished_prompts() == ["p1"]
+    assert buf.take_finished_prompts() == []
+    _balanced(buf)
+
+
 def test_pools_give_a_requeued_prompt_fresh_sample_ids():
     from dataclasses import replace
 
