@@ -161,3 +161,35 @@ async def test_the_code_reward_grades_the_last_program_of_a_python_tool_transcri
     reward = await CodeReward(timeout_s=2.0).score(
         Prompt("p", "write f", [], metadata={"tests": ["assert f() == 42"]}), transcript)
     assert reward == Reward(value=1.0, correct=True)
+
+
+async def test_a_python_tool_episode_runs_its_program_in_the_sandbox_and_masks_the_output():
+    """The whole episode loop with the real sandbox; the model's two turns are given (a tiny
+    random model writes no Python), one byte per token so any text is representable."""
+    from asyncrl.rollout.workflow import WorkflowSpec
+    from asyncrl.rollout.workflow.episode import run_episode
+    from asyncrl.types import FinishReason, new_episode
+
+    spec = WorkflowSpec("python_tool", {"timeout_s": 5.0}, max_turns=4)
+    env = spec()
+    turns = iter(["```python\nprint(6 * 7)\n```", "so it is 42"])
+
+    async def model_turn(sample: Sample) -> None:  # the policy: its next turn, then EOS
+        for token in next(turns).encode():
+            sample.append(token, -0.1, 0)
+        sample.finish_reason = FinishReason.STOP
+
+    s = Sample(sample_id="p/0", prompt_id="p", prompt_ids=[1], max_new_tokens=200,
+               episode=new_episode(env.start(Prompt("p", "6*7?", []))))
+    await run_episode(s, generate=model_turn, decode=lambda ids: bytes(ids).decode(),
+                      encode=lambda text: list(text.encode()), workflow=env, spec=spec,
+                      aborted=lambda: False)
+    text = bytes(s.response_ids).decode()
+    assert text == "```python\nprint(6 * 7)\n```\n<output>\n42\n</output>\nso it is 42"
+    assert s.finish_reason is FinishReason.STOP and s.episode["end"] == "done"
+    assert s.episode["turns"] == 2 and s.episode["state"] == {"calls": 1}
+    observation = "\n<output>\n42\n</output>\n"
+    start = text.index(observation)
+    mask = s.model_token_mask()
+    assert mask == [True] * start + [False] * len(observation) + [True] * len("so it is 42")
+    assert all(lp == 0.0 for lp, m in zip(s.rollout_logprobs, mask, strict=True) if not m)
