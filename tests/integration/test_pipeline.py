@@ -106,13 +106,17 @@ async def test_no_trained_sample_is_staler_than_eta_even_across_a_resume(ray_loc
 async def test_partial_rollouts_account_for_every_sample_and_resume_from_their_tokens(
     ray_local, tmp_path
 ):
-    # An untrained model rarely says EOS, so answers are long and aborts catch them midway.
+    # An untrained model rarely says EOS, so answers are long and aborts catch them midway,
+    # unless the trainer is so slow that every answer in flight finished before the abort
+    # (seen once on a loaded machine): then train on, up to 12 steps, until one was caught.
     config = _config(tmp_path, "partial", "mode=async", "max_staleness=2", "rollout.partial=true",
                      "rollout.oversample=2", "rollout.max_new_tokens=48",
                      "model.warm_start.steps=0", "algorithm.off_policy_correction=decoupled")
     controller = await _start(config)
     try:
         trained = await _train(controller, 5)
+        while (await controller.pools.data.stats())["resumed"] == 0 and len(trained) < 12 * 16:
+            trained += await _train(controller, 1)
         ledger = await _ledger_after_drain(controller)
         await _assert_weights_equal_trainer(controller.pools)
     finally:
@@ -120,9 +124,9 @@ async def test_partial_rollouts_account_for_every_sample_and_resume_from_their_t
     # (b) every sample ever started is trained, pending, or dropped by a named rule.
     dropped = sum(v for k, v in ledger.items() if k.startswith("dropped/"))
     assert ledger["started"] == ledger["trained"] + ledger["pending"] + dropped
-    assert ledger["balance"] == 0 and ledger["trained"] == len(trained) == 5 * 16
+    assert ledger["balance"] == 0 and ledger["trained"] == len(trained) >= 5 * 16
     # (c) aborted answers were resumed from their tokens; versions in order, within η.
-    assert ledger["resumed"] > 0, "with aborts every step, some partials must be resumed"
+    assert ledger["resumed"] > 0, ("with aborts every step, some partials must be resumed", ledger)
     for s, version in trained:
         assert s.token_versions == sorted(s.token_versions)
         assert staleness(s.token_versions, version) <= 2
