@@ -101,8 +101,9 @@ class Pools:
                         resources=cfg.trainer.resources,
                         scheduling_strategy=trainer_placement.take(trainer_name)
                         if trainer_placement else None)
+        curriculum = _curriculum(cfg)
         data = spawn(DataManager, group_size=r.n_samples, max_staleness=cfg.max_staleness,
-                     drop_all_equal=cfg.data.drop_all_equal, curriculum=_curriculum(cfg),
+                     drop_all_equal=cfg.data.drop_all_equal, curriculum=curriculum,
                      name=f"{cfg.run.name}/data-manager", num_cpus=0)
         prompts: dict[str, Prompt] = {}
 
@@ -124,6 +125,7 @@ class Pools:
             params=SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k),
             max_staleness=cfg.max_staleness, batch_groups=r.prompts_per_step,
             versions_per_batch=cfg.trainer.minibatches, oversample=r.oversample,
+            group_size=r.n_samples, planned=curriculum is not None,
             request_timeout_s=r.request_timeout_s,
         )
         pools = cls(ctx=ctx, workers=workers, trainer=trainer, data=data, rollout=rollout,

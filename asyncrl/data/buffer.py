@@ -62,6 +62,11 @@ def filter_group(group: Group, *, drop_all_equal: bool) -> Decision:
     return Decision(True)
 
 
+def _fate_kind(fate: str) -> str:
+    """trained@3 → trained, dropped:stale → dropped, pending → pending."""
+    return fate.partition("@")[0].partition(":")[0]
+
+
 def group_staleness(group: Group, trainer_version: int) -> int:
     versions = [v for s in group.samples for v in s.token_versions]
     return staleness(versions, trainer_version)
@@ -75,7 +80,6 @@ class GroupBuffer:
         self.group_size, self.max_staleness = group_size, max_staleness
         self.drop_all_equal = drop_all_equal
         self.curriculum = curriculum  # None: every prompt drawn gets group_size samples
-        self.skipped: dict[str, str] = {}  # prompt_id → skip reason (drawn, never started)
         self._groups: dict[str, _GroupState] = {}  # prompt_id → open group (not yet ready)
         self._partials: OrderedDict[str, Sample] = OrderedDict()  # sample_id → partial
         self._ready: deque[Group] = deque()
@@ -89,6 +93,9 @@ class GroupBuffer:
         self.dropped: dict[str, int] = {}
         self.fates: dict[str, str] = {}  # sample_id → pending | trained@V | dropped:REASON
         self._samples_of: dict[str, list[str]] = {}  # prompt_id → every sample id it started
+        # prompt_id → its fate, kept as events happen (not recounted: stats() runs every step)
+        self._prompt_fates: dict[str, str] = {}
+        self._prompt_kinds: Counter[str] = Counter()  # trained | pending | dropped | skipped
         self._finished_prompts: list[str] = []  # dropped for good since take_finished_prompts
         self.duplicates = 0
 
@@ -104,12 +111,15 @@ class GroupBuffer:
             if plan.skip is None:
                 sizes[prompt.prompt_id] = plan.n
             else:
-                self.skipped[prompt.prompt_id] = plan.skip
+                self._set_prompt_fate(prompt.prompt_id, f"skipped:{plan.skip}")
         return sizes
 
     def start_group(self, prompt: Prompt, samples: list[Sample]) -> None:
         """A new group was dispatched (its samples are now in flight)."""
         self._groups[prompt.prompt_id] = _GroupState(prompt, len(samples))
+        if not self._prompt_fates.get(prompt.prompt_id, "").startswith("trained@"):
+            self._set_prompt_fate(prompt.prompt_id, "pending")  # also a re-queued retry's
+        # (a trained prompt started again stays trained: training it twice is a duplicate)
         self.started += len(samples)
         self._in_flight.update((s.sample_id, s) for s in samples)
         for s in samples:
@@ -148,6 +158,7 @@ class GroupBuffer:
             self._ready.append(group)
         else:
             self._drop(group.samples, decision.reason)
+            self._set_prompt_fate(group.prompt.prompt_id, f"dropped:{decision.reason}")
             self._finished_prompts.append(group.prompt.prompt_id)  # filtered: not re-queued
 
     def _drop(self, samples: list[Sample], reason: str) -> None:
@@ -217,9 +228,10 @@ class GroupBuffer:
         batch = [self._ready.popleft() for _ in range(n_groups)]
         self.trained += sum(len(g.samples) for g in batch)
         for group in batch:
-            if any(self.fates[i].startswith("trained@")
-                   for i in self._samples_of[group.prompt.prompt_id]):
+            prompt_id = group.prompt.prompt_id
+            if self._prompt_fates[prompt_id].startswith("trained@"):
                 self.duplicates += 1  # a second group of one prompt: it was re-queued wrongly
+            self._set_prompt_fate(prompt_id, f"trained@{trainer_version}")
             for s in group.samples:
                 self._settle(s.sample_id, f"trained@{trainer_version}")
         self._training += n_groups
@@ -258,32 +270,26 @@ class GroupBuffer:
         out["duplicates"] = self.duplicates
         return out
 
+    def _set_prompt_fate(self, prompt_id: str, fate: str) -> None:
+        old = self._prompt_fates.get(prompt_id)
+        if old is not None:
+            self._prompt_kinds[_fate_kind(old)] -= 1
+        self._prompt_fates[prompt_id] = fate
+        self._prompt_kinds[_fate_kind(fate)] += 1
+
     def prompt_fates(self) -> dict[str, str]:
-        """Every prompt's fate (module docstring), from its samples' fates."""
-        requeued = {p.prompt_id for p in self._requeued}
-        out = {prompt_id: f"skipped:{reason}" for prompt_id, reason in self.skipped.items()}
-        for prompt_id, sample_ids in self._samples_of.items():
-            fates = [self.fates[i] for i in sample_ids]
-            trained = [f for f in fates if f.startswith("trained@")]
-            if trained:
-                out[prompt_id] = trained[0]
-            elif "pending" in fates or prompt_id in requeued:
-                out[prompt_id] = "pending"
-            else:
-                out[prompt_id] = fates[-1]
-        return out
+        """Every prompt's fate (module docstring)."""
+        return dict(self._prompt_fates)
 
     def ledger_entries(self) -> list[dict]:
         """The ledger, a row per prompt: its fate and each of its sample ids' fates."""
         return [{"prompt_id": prompt_id, "fate": fate,
                  "samples": {i: self.fates[i] for i in self._samples_of.get(prompt_id, ())}}
-                for prompt_id, fate in sorted(self.prompt_fates().items())]
+                for prompt_id, fate in sorted(self._prompt_fates.items())]
 
     def prompt_counts(self) -> dict[str, int]:
-        kinds = Counter(f.partition("@")[0].partition(":")[0]
-                        for f in self.prompt_fates().values())
         return {"prompts_started": len(self._samples_of),
-                **{f"prompts_{k}": kinds.get(k, 0)
+                **{f"prompts_{k}": self._prompt_kinds[k]
                    for k in ("trained", "pending", "dropped", "skipped")}}
 
     def fate_counts(self) -> dict[str, int]:
@@ -309,7 +315,7 @@ class GroupBuffer:
             "fates": dict(self.fates), "duplicates": self.duplicates,
             "samples_of": {k: list(v) for k, v in self._samples_of.items()},
             "finished_prompts": list(self._finished_prompts),
-            "skipped": dict(self.skipped),
+            "prompt_fates": dict(self._prompt_fates),
             "curriculum": None if self.curriculum is None else self.curriculum.state_dict(),
         }
 
@@ -329,6 +335,9 @@ class GroupBuffer:
         # absent in checkpoints written before the prompt ledger: it starts from here then
         self._samples_of = {k: list(v) for k, v in state.get("samples_of", {}).items()}
         self._finished_prompts = list(state.get("finished_prompts", []))
-        self.skipped = dict(state.get("skipped", {}))  # absent in checkpoints before curricula
+        self._prompt_fates = {}
+        self._prompt_kinds = Counter()
+        for prompt_id, fate in state.get("prompt_fates", {}).items():
+            self._set_prompt_fate(prompt_id, fate)
         if self.curriculum is not None and state.get("curriculum") is not None:
             self.curriculum.load_state_dict(state["curriculum"])

@@ -1,8 +1,8 @@
 """RolloutManager: admits prompts under the staleness gate and dispatches them to workers.
 
 Order of work: partials (interrupted answers) first, then prompts re-queued after a drop, then
-fresh prompts. Each group goes, whole, to the worker with the fewest samples in flight. The
-DataManager plans each drawn prompt (`plan`): its group size, or a skip by the curriculum, which
+fresh prompts. Each group goes, whole, to the worker with the fewest samples in flight. With a
+curriculum, the DataManager plans each drawn prompt (`plan`): its group size, or a skip, which
 takes no slot, so the next round draws another prompt in its place.
 
 Staleness gate (active-slot form; it holds no history, so it is exact after a resume):
@@ -63,6 +63,8 @@ class RolloutManager:
         batch_groups: int,
         versions_per_batch: int,
         oversample: float,
+        group_size: int,
+        planned: bool = False,
         request_timeout_s: float | None = None,
     ) -> None:
         self._workers = {w.name: w for w in workers}
@@ -73,6 +75,9 @@ class RolloutManager:
         self._params = params
         self._eta, self._batch_groups = max_staleness, batch_groups
         self._m, self._oversample = versions_per_batch, oversample
+        # planned: the DataManager's curriculum sizes (or skips) each prompt's group; else every
+        # group has group_size samples and no round trip is spent asking
+        self._group_size, self._planned = group_size, planned
         self.trainer_version = 0
         self._wake = asyncio.Event()
         self._stopping = False
@@ -124,7 +129,10 @@ class RolloutManager:
         for samples in partials:
             self._dispatch(samples)
         prompts = requeued + [self._next_prompt() for _ in range(free)]
-        sizes = await self._data.plan(prompts, self.trainer_version) if prompts else {}
+        if self._planned and prompts:
+            sizes = await self._data.plan(prompts, self.trainer_version)
+        else:
+            sizes = dict.fromkeys((p.prompt_id for p in prompts), self._group_size)
         groups = [(p, self._new_samples(p, sizes[p.prompt_id]))
                   for p in prompts if p.prompt_id in sizes]
         if groups:

@@ -78,7 +78,7 @@ def _manager(model_dir, eta: int, **kwargs) -> tuple[RolloutManager, LocalRef]:
     manager = RolloutManager(
         [worker], data, next_prompt=next_prompt, new_samples=new_samples, score=score,
         params=SamplingParams(temperature=1.0), max_staleness=eta, batch_groups=B,
-        versions_per_batch=1, oversample=kwargs.get("oversample", 1.0))
+        versions_per_batch=1, oversample=kwargs.get("oversample", 1.0), group_size=N)
     return manager, data
 
 

@@ -40,7 +40,25 @@ def _balanced(buf: GroupBuffer) -> dict[str, int]:
     assert ledger.pop("duplicates") == 0
     counters = {k: v for k, v in ledger.items() if k not in ("balance", "resumed")}
     assert buf.fate_counts() == counters
+    assert buf.prompt_fates() == _prompt_fates_recounted(buf)
     return ledger
+
+
+def _prompt_fates_recounted(buf: GroupBuffer) -> dict[str, str]:
+    """Each prompt's fate recounted from its samples' fates in the ledger rows (the buffer
+    keeps them as events happen): trained if a sample was; pending if one is, or if the last
+    attempt went stale (the prompt is re-queued); skipped if it has none; else its last drop."""
+    out = {}
+    for row in buf.ledger_entries():
+        fates = list(row["samples"].values())
+        trained = [f for f in fates if f.startswith("trained@")]
+        if trained:
+            out[row["prompt_id"]] = trained[0]
+        elif "pending" in fates or (fates and fates[-1] == "dropped:stale"):
+            out[row["prompt_id"]] = "pending"
+        else:
+            out[row["prompt_id"]] = fates[-1] if fates else row["fate"]
+    return out
 
 
 def test_complete_groups_become_a_batch_and_the_ledger_balances():
