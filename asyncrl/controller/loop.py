@@ -67,6 +67,14 @@ class Controller:
         with contextlib.suppress(asyncio.CancelledError):
             await producer
 
+    async def settle(self) -> dict[str, int]:
+        """Stop admitting, interrupt every request and wait for them all: every sample is then
+        in the DataManager (aborted ones as partials). Returns its ledger."""
+        await self.stop_producer()
+        await self.pools.rollout.abort_in_flight()
+        await self.pools.rollout.drain()
+        return await self.pools.data.stats()
+
     async def step(self) -> tuple[dict[str, float], list[Group]]:
         """Take one batch, train it, sync the weights; returns metrics and the trained groups."""
         pools, cfg = self.pools, self.ctx.config
@@ -247,12 +255,9 @@ async def run_loop(
                 if sigterm.is_set():
                     result.interrupted = True
                     break
-        await controller.stop_producer()
-        await pools.rollout.abort_in_flight()
-        await pools.rollout.drain()
+        result.ledger = await controller.settle()
         if not result.interrupted:
             result.final_model = await pools.save_final()
-        result.ledger = await pools.data.stats()
         write_ledger(ctx.run_dir / "ledger.jsonl", await pools.data.ledger_entries())
     finally:
         with contextlib.suppress(Exception):  # the error that got us here is the one to show

@@ -12,7 +12,7 @@ import pytest
 
 from asyncrl.controller.checkpoint import read_state
 from asyncrl.data.tasks import SortDigits
-from tests.integration.test_pipeline import _config, _ledger_after_drain, _start, _train
+from tests.integration.test_pipeline import _config, _start, _train
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -44,7 +44,7 @@ async def test_the_curriculum_skips_easy_and_hard_prompts_and_varies_group_sizes
         await first.stop_producer()
         checkpoint = await first.pools.checkpoint(tmp_path / "ckpt")
         saved = read_state(checkpoint)["data"]["curriculum"]
-        ledger = await _ledger_after_drain(first)
+        ledger = await first.settle()
         rows = await first.pools.data.ledger_entries()
     finally:
         first.pools.close()
@@ -65,7 +65,7 @@ async def test_the_curriculum_skips_easy_and_hard_prompts_and_varies_group_sizes
         await resumed.pools.restore(checkpoint)
         assert (await resumed.pools.data.state_dict())["curriculum"] == saved
         await _train(resumed, 1)
-        after = await _ledger_after_drain(resumed)
+        after = await resumed.settle()
     finally:
         resumed.pools.close()
     assert after["balance"] == 0 and after["prompts_skipped"] >= ledger["prompts_skipped"]

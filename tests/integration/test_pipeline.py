@@ -65,14 +65,7 @@ async def _replaced_and_drained(controller: Controller, victim, workers: int = 2
     names = [w.name for w in controller.pools.workers]
     assert victim.name not in names and len(names) == workers
     await _assert_weights_equal_trainer(controller.pools)
-    return await _ledger_after_drain(controller)
-
-
-async def _ledger_after_drain(controller: Controller) -> dict:
-    await controller.stop_producer()
-    await controller.pools.rollout.abort_in_flight()
-    await controller.pools.rollout.drain()
-    return await controller.pools.data.stats()
+    return await controller.settle()
 
 
 @pytest.mark.parametrize("eta", [0, 1, 2])
@@ -92,7 +85,7 @@ async def test_no_trained_sample_is_staler_than_eta_even_across_a_resume(ray_loc
         assert resumed.pools.trainer_version == version == 3
         await _assert_weights_equal_trainer(resumed.pools)
         trained += await _train(resumed, 3)
-        ledger = await _ledger_after_drain(resumed)
+        ledger = await resumed.settle()
     finally:
         resumed.pools.close()
     ages = [staleness(s.token_versions, v) for s, v in trained]
@@ -117,7 +110,7 @@ async def test_partial_rollouts_account_for_every_sample_and_resume_from_their_t
         trained = await _train(controller, 5)
         while (await controller.pools.data.stats())["resumed"] == 0 and len(trained) < 12 * 16:
             trained += await _train(controller, 1)
-        ledger = await _ledger_after_drain(controller)
+        ledger = await controller.settle()
         await _assert_weights_equal_trainer(controller.pools)
     finally:
         controller.pools.close()
@@ -206,7 +199,7 @@ async def test_the_driver_forgets_prompts_once_trained_or_dropped_for_good(ray_l
         "reward.fn=tests.plugins.rewards:crash_on_every_third_prompt"))
     try:
         await _train(controller, 3)
-        ledger = await _ledger_after_drain(controller)
+        ledger = await controller.settle()
         rows = await controller.pools.data.ledger_entries()
     finally:
         await controller.stop_producer()

@@ -43,10 +43,7 @@ async def test_a_workflow_run_trains_model_tokens_only_and_balances_its_ledger(
             version = pools.trainer_version
             _, groups = await controller.step()
             trained.append((groups, version))
-        await controller.stop_producer()
-        await pools.rollout.abort_in_flight()
-        await pools.rollout.drain()
-        ledger = await pools.data.stats()
+        ledger = await controller.settle()
     finally:
         pools.close()
     assert 0.0 <= accuracy <= 1.0
@@ -74,10 +71,7 @@ async def test_an_environment_that_raises_fails_its_samples_rewards_not_the_run(
     try:
         controller.start_producer()
         records = [(await controller.step())[0] for _ in range(3)]
-        await controller.stop_producer()
-        await pools.rollout.abort_in_flight()
-        await pools.rollout.drain()
-        ledger = await pools.data.stats()
+        ledger = await controller.settle()
     finally:
         pools.close()
     last = records[-1]

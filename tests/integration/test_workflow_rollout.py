@@ -6,6 +6,7 @@ context, and an episode aborted mid-turn or between turns resumes to the same ep
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import pickle
 import random
 
@@ -112,6 +113,18 @@ async def test_an_episode_interleaves_masked_feedback_with_model_turns_scored_as
     assert float(error) <= TOLERANCE
 
 
+@contextlib.asynccontextmanager
+async def _workers(model_dir, spec: WorkflowSpec, count: int):
+    """`count` rollout workers of one seed running `spec` (a reference and one to interrupt
+    draw the same tokens), closed afterwards."""
+    workers = [RolloutWorker(str(model_dir), "cpu", seed=0, workflow=spec) for _ in range(count)]
+    try:
+        yield workers
+    finally:
+        for worker in workers:
+            await worker.close()
+
+
 async def _until(condition) -> None:
     while not condition():
         await asyncio.sleep(0)
@@ -133,9 +146,7 @@ async def test_an_episode_aborted_mid_turn_resumes_that_turn_to_the_same_episode
     # The same nine episodes run straight through (reference), and on a second worker with the
     # same seed interrupted in their second model turn, pickled (as a checkpoint would) and
     # resumed: draws are keyed by (seed, sample, position), so the episodes must be identical.
-    reference_worker = RolloutWorker(str(model_dir), "cpu", seed=0, workflow=GUESS)
-    worker = RolloutWorker(str(model_dir), "cpu", seed=0, workflow=GUESS)
-    try:
+    async with _workers(model_dir, GUESS, 2) as (reference_worker, worker):
         reference = await reference_worker.generate(_episodes(tokenizer, GUESS), PARAMS)
         samples = _episodes(tokenizer, GUESS)
         request = asyncio.create_task(worker.generate(samples, PARAMS))
@@ -151,9 +162,6 @@ async def test_an_episode_aborted_mid_turn_resumes_that_turn_to_the_same_episode
         restored = pickle.loads(pickle.dumps(partial))
         assert [s.episode for s in restored] == [s.episode for s in partial]
         await worker.generate(restored, PARAMS)
-    finally:
-        await reference_worker.close()
-        await worker.close()
     by_id = {s.sample_id: s for s in [*samples, *restored] if s.is_finished}
     _assert_same_episodes([by_id[s.sample_id] for s in reference], reference)
 
@@ -166,9 +174,7 @@ async def test_an_episode_aborted_while_its_environment_steps_resumes_with_the_n
     # the next turn not started, and resumes to the episode an uninterrupted run produces.
     spec = WorkflowSpec("tests.plugins.workflows:SlowEcho", {"delay_s": 0.5}, max_turns=3,
                         max_turn_tokens=3)
-    reference_worker = RolloutWorker(str(model_dir), "cpu", seed=0, workflow=spec)
-    worker = RolloutWorker(str(model_dir), "cpu", seed=0, workflow=spec)
-    try:
+    async with _workers(model_dir, spec, 2) as (reference_worker, worker):
         reference = await reference_worker.generate(_episodes(tokenizer, spec, 2, 2), PARAMS)
         samples = _episodes(tokenizer, spec, 2, 2)
         request = asyncio.create_task(worker.generate(samples, PARAMS))
@@ -182,9 +188,6 @@ async def test_an_episode_aborted_while_its_environment_steps_resumes_with_the_n
             assert tokenizer.decode(s.response_ids[-2:]) == "ok"
             assert s.model_token_mask()[-2:] == [False, False]
         await worker.generate(samples, PARAMS)
-    finally:
-        await reference_worker.close()
-        await worker.close()
     _assert_same_episodes(samples, reference)
 
 
@@ -192,9 +195,7 @@ async def test_an_episode_aborted_before_its_first_turn_comes_back_empty_and_res
     model_dir, tokenizer
 ):
     # The abort lands right after the request arrived, before any episode reached the engine.
-    reference_worker = RolloutWorker(str(model_dir), "cpu", seed=0, workflow=GUESS)
-    worker = RolloutWorker(str(model_dir), "cpu", seed=0, workflow=GUESS)
-    try:
+    async with _workers(model_dir, GUESS, 2) as (reference_worker, worker):
         reference = await reference_worker.generate(_episodes(tokenizer, GUESS, 2, 2), PARAMS)
         samples = _episodes(tokenizer, GUESS, 2, 2)
         request = asyncio.create_task(worker.generate(samples, PARAMS))
@@ -204,9 +205,6 @@ async def test_an_episode_aborted_before_its_first_turn_comes_back_empty_and_res
         assert all(s.finish_reason is FinishReason.ABORT and not s.response_ids
                    and s.episode["turns"] == 0 for s in samples)
         await worker.generate(samples, PARAMS)
-    finally:
-        await reference_worker.close()
-        await worker.close()
     _assert_same_episodes(samples, reference)
 
 
@@ -216,8 +214,7 @@ async def test_an_episode_aborted_in_turn_two_resumes_under_new_weights_with_hon
     # APRIL's real sequence: abort in turn 2, the trainer's new weights arrive (version 1),
     # the episode resumes. Versions never decrease along the response; the resumed tokens
     # carry version 1; environment tokens stay masked with their turn's version.
-    worker = RolloutWorker(str(model_dir), "cpu", seed=0, workflow=GUESS)
-    try:
+    async with _workers(model_dir, GUESS, 1) as (worker,):
         samples = _episodes(tokenizer, GUESS)
         request = asyncio.create_task(worker.generate(samples, PARAMS))
         await _until(lambda: any(s.episode["turns"] >= 1
@@ -232,8 +229,6 @@ async def test_an_episode_aborted_in_turn_two_resumes_under_new_weights_with_hon
         weights = await worker.engine_weights()
         await worker._engine.update_weights(weights.items(), 1)  # as receive_weights does
         await worker.generate(in_turn_two, PARAMS)
-    finally:
-        await worker.close()
     for s in in_turn_two:
         assert s.is_finished
         versions, mask = s.token_versions, s.model_token_mask()
